@@ -1,0 +1,435 @@
+"""MiniT2I in plain JAX: the MM-JiT denoiser, the frozen FLAN-T5 encoder, the tokenizer and weight I/O.
+
+Parameters are nested dicts (and lists, for repeated blocks) of arrays whose paths, joined by ".", are the
+module names of the released checkpoints ("double_blocks.3.img_qkv.weight"). Linear weights are stored
+[in, out] so that a layer is `x @ w`; the importers transpose PyTorch's [out, in].
+"""
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class MMJiTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 3
+    txt_dim: int = 128  # width of the text encoder's features (T5 d_model)
+    hidden_size: int = 192
+    depth: int = 4  # double-stream blocks
+    txt_preamble_depth: int = 2  # text-only blocks: the "adapter"
+    num_heads: int = 3
+    head_dim: int = 64
+    mlp_ratio: float = 8 / 3
+    pca_channels: int = 32  # bottleneck width of the patch embedding
+
+    @property
+    def grid(self):  # patches per side
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_hidden(self):
+        return -(-int(self.hidden_size * self.mlp_ratio) // 8) * 8
+
+
+PRESETS = {
+    "tiny": MMJiTConfig(),
+    "B/32": MMJiTConfig(512, 32, 3, 1024, 768, 17, 2, 12, 64, 8 / 3, 128),
+    "B/16": MMJiTConfig(512, 16, 3, 1024, 768, 17, 2, 12, 64, 8 / 3, 128),
+    "L/16": MMJiTConfig(512, 16, 3, 1024, 1248, 23, 2, 24, 52, 2.7, 128),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:  # defaults: google/flan-t5-large's encoder
+    vocab_size: int = 32128
+    d_model: int = 1024
+    d_kv: int = 64
+    num_heads: int = 16
+    d_ff: int = 2816
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+
+# ------------------------------------------------------------------------------------------- primitives
+
+
+def linear(p, x):
+    y = x @ p["weight"].astype(x.dtype)
+    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def rms_norm(scale, x, eps=1e-6):
+    """x / rms(x) * scale, with the statistics in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def gated_mlp(x, w_gate, w_up, w_down, act):
+    """SwiGLU (act = silu) in MM-JiT, gated-GELU in T5: w_down(act(x w_gate) * x w_up)."""
+    dt = x.dtype
+    return (act(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))) @ w_down.astype(dt)
+
+
+def swiglu(p, x):
+    return gated_mlp(x, p["w1"]["weight"], p["w3"]["weight"], p["w2"]["weight"], jax.nn.silu)
+
+
+def rope_angles_1d(length, dim, theta=10000.0):
+    inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    return jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # [L, dim/2]
+
+
+def rope_angles_2d(grid, dim, theta=10000.0):
+    """Half the rotary frequencies follow the row, half the column, of each row-major image token."""
+    inv_freq = theta ** (-jnp.arange(0, dim // 2, 2, dtype=jnp.float32) / (dim // 2))
+    rows, cols = jnp.divmod(jnp.arange(grid * grid, dtype=jnp.float32), grid)
+    return jnp.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1)  # [N, dim/2]
+
+
+def apply_rope(x, angles):
+    """Rotate-half RoPE. x: [B, T, H, Dh], angles: [T, Dh/2]."""
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # [T, 1, Dh]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- MM-JiT
+
+
+def patch_embed(p, cfg, x):
+    """BottleneckPatchEmbed: a p x p stride-p conv to pca channels, then a 1x1 conv to D, as matmuls."""
+    B, P, g = x.shape[0], cfg.patch_size, cfg.grid
+    patches = x.reshape(B, g, P, g, P, cfg.in_channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(B, g * g, P * P * cfg.in_channels)  # [B, N, (row, col, channel)]
+    w1 = p["proj1"]["weight"].reshape(-1, cfg.pca_channels)  # HWIO kernel -> [P*P*C, pca]
+    w2 = p["proj2"]["weight"].reshape(cfg.pca_channels, -1)
+    return (patches @ w1.astype(x.dtype)) @ w2.astype(x.dtype) + p["proj2"]["bias"].astype(x.dtype)
+
+
+def sincos_pos_embed(cfg):
+    """MAE's fixed 2-D embedding: first D/2 channels encode the column, last D/2 the row."""
+    quarter = cfg.hidden_size // 4
+    omega = 10000.0 ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
+    rows, cols = jnp.divmod(jnp.arange(cfg.grid**2, dtype=jnp.float32), cfg.grid)
+    half = lambda pos: jnp.concatenate([jnp.sin(pos[:, None] * omega), jnp.cos(pos[:, None] * omega)], -1)
+    return jnp.concatenate([half(cols), half(rows)], axis=-1)  # [N, D]
+
+
+def joint_block(p, streams, angles, prefixes, num_heads):
+    """Pre-norm attention + SwiGLU over streams that attend jointly to their concatenation.
+
+    A text preamble block is the one-stream case (prefixes ("",)); a double block the two-stream case
+    (("txt_", "img_")): each stream has its own norms, qkv, output projection and SwiGLU, while q_norm and
+    k_norm are shared. streams: list of [B, T_s, D]; angles: RoPE angles for the concatenation.
+    """
+    qs, ks, vs = [], [], []
+    for x, s in zip(streams, prefixes):
+        B, T, _ = x.shape
+        qkv = linear(p[s + "qkv"], rms_norm(p[s + "norm1"]["weight"], x)).reshape(B, T, 3, num_heads, -1)
+        qs.append(qkv[:, :, 0]), ks.append(qkv[:, :, 1]), vs.append(qkv[:, :, 2])
+    q = apply_rope(rms_norm(p["q_norm"]["weight"], jnp.concatenate(qs, 1)), angles)  # [B, T, H, Dh]
+    k = apply_rope(rms_norm(p["k_norm"]["weight"], jnp.concatenate(ks, 1)), angles)
+    out = jax.nn.dot_product_attention(q, k, jnp.concatenate(vs, 1), scale=q.shape[-1] ** -0.5)
+    out = jnp.split(out, np.cumsum([x.shape[1] for x in streams])[:-1], axis=1)
+    new = []
+    for x, o, s in zip(streams, out, prefixes):
+        x = x + linear(p[s + "attn_proj"], o.reshape(x.shape[0], x.shape[1], -1))
+        new.append(x + swiglu(p[s + "mlp"], rms_norm(p[s + "norm2"]["weight"], x)))
+    return new
+
+
+def unpatchify(cfg, tokens):
+    B, P, g, C = tokens.shape[0], cfg.patch_size, cfg.grid, cfg.in_channels
+    x = tokens.reshape(B, g, g, P, P, C).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, g * P, g * P, C)
+
+
+def mmjit_apply(params, cfg, x, context, mask, dtype=jnp.float32, remat=False):
+    """Predict the clean image x0 from the noisy image x [B, H, W, C], T5 features context [B, L, Dt] and
+    their mask [B, L]. There is no timestep input: the noise level is read off the image itself."""
+    L = context.shape[1]
+    context = jnp.where(mask[..., None] > 0, context, params["mask_token"])  # padding -> learned token
+    txt = linear(params["txt_embedder"], context.astype(dtype))  # [B, L, D]
+    img = patch_embed(params["img_embedder"], cfg, x.astype(dtype)) + sincos_pos_embed(cfg).astype(dtype)
+    block = functools.partial(joint_block, num_heads=cfg.num_heads)
+    if remat:
+        block = jax.checkpoint(block, static_argnums=(3,))
+    txt_angles = rope_angles_1d(L, cfg.head_dim)
+    for p in params["txt_preamble_blocks"]:
+        (txt,) = block(p, [txt], txt_angles, ("",))
+    angles = jnp.concatenate([txt_angles, rope_angles_2d(cfg.grid, cfg.head_dim)], axis=0)
+    for p in params["double_blocks"]:
+        txt, img = block(p, [txt, img], angles, ("txt_", "img_"))
+    f = params["final_layer"]
+    out = linear(f["linear"], rms_norm(f["norm_final"]["weight"], img))  # [B, N, P*P*C]
+    return unpatchify(cfg, out.astype(jnp.float32))
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def init_mmjit(key, cfg):
+    """The original initialisation: PyTorch-default Linear, xavier SwiGLU and patch convs, zero final layer."""
+    keys = (jax.random.fold_in(key, i) for i in itertools.count())
+    D, H, F = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.mlp_hidden
+    ones = lambda n: {"weight": jnp.ones((n,), jnp.float32)}
+
+    def dense(n_in, n_out, bias=True):
+        b = 1 / math.sqrt(n_in)
+        p = {"weight": _uniform(next(keys), (n_in, n_out), b)}
+        return p | {"bias": _uniform(next(keys), (n_out,), b)} if bias else p
+
+    def xavier(shape, fan_in, fan_out):
+        return {"weight": _uniform(next(keys), shape, math.sqrt(6 / (fan_in + fan_out)))}
+
+    def stream(s):
+        mlp = {w: xavier(shape, *shape) for w, shape in (("w1", (D, F)), ("w2", (F, D)), ("w3", (D, F)))}
+        return {s + "norm1": ones(D), s + "qkv": dense(D, 3 * H), s + "attn_proj": dense(H, D),
+                s + "norm2": ones(D), s + "mlp": mlp}
+
+    qk_norms = lambda: {"q_norm": ones(cfg.head_dim), "k_norm": ones(cfg.head_dim)}
+    P, C, pca = cfg.patch_size, cfg.in_channels, cfg.pca_channels
+    return {
+        "mask_token": 0.02 * jax.random.normal(next(keys), (cfg.txt_dim,), jnp.float32),
+        "txt_embedder": dense(cfg.txt_dim, D, bias=False),
+        "img_embedder": {
+            "proj1": xavier((P, P, C, pca), P * P * C, P * P * pca),
+            "proj2": xavier((1, 1, pca, D), pca, D) | {"bias": jnp.zeros((D,), jnp.float32)},
+        },
+        "txt_preamble_blocks": [stream("") | qk_norms() for _ in range(cfg.txt_preamble_depth)],
+        "double_blocks": [stream("txt_") | stream("img_") | qk_norms() for _ in range(cfg.depth)],
+        "final_layer": {
+            "norm_final": ones(D),
+            "linear": {"weight": jnp.zeros((D, P * P * C)), "bias": jnp.zeros((P * P * C,))},
+        },
+    }
+
+
+# -------------------------------------------------------------------------------------- FLAN-T5 encoder
+
+
+def t5_relative_buckets(length, num_buckets, max_distance):
+    """T5's bidirectional buckets of key - query offsets: exact near 0, log-spaced out to max_distance."""
+    rel = np.arange(length)[None, :] - np.arange(length)[:, None]  # [Lq, Lk]
+    half = num_buckets // 2
+    exact = half // 2
+    n = np.abs(rel)
+    log_ratio = np.log(np.maximum(n, 1) / exact) / math.log(max_distance / exact)
+    far = np.minimum(exact + (log_ratio * (half - exact)).astype(np.int32), half - 1)
+    return (rel > 0) * half + np.where(n < exact, n, far)
+
+
+def t5_encode(params, cfg, input_ids, attention_mask, dtype=jnp.float32):
+    """Last hidden state [B, L, d_model] of the T5 encoder. Frozen: no gradient ever flows into it."""
+    params = jax.lax.stop_gradient(params)
+    enc, (B, L) = params["encoder"], input_ids.shape
+    x = params["shared"]["weight"][input_ids].astype(dtype)
+    buckets = t5_relative_buckets(L, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+    rel_bias = enc["block"][0]["layer"][0]["SelfAttention"]["relative_attention_bias"]["weight"]
+    bias = rel_bias[buckets].transpose(2, 0, 1)[None].astype(jnp.float32)  # [1, H, L, L], shared by blocks
+    keep = attention_mask[:, None, None, :].astype(bool)  # padded keys are never attended to
+    heads = lambda t: t.reshape(B, L, cfg.num_heads, cfg.d_kv)
+    norm = lambda p, x: rms_norm(p["layer_norm"]["weight"], x, cfg.layer_norm_epsilon)
+    for blk in enc["block"]:
+        att, ff = blk["layer"]
+        a, h = att["SelfAttention"], norm(att, x)
+        q, k, v = (heads(linear(a[n], h)) for n in "qkv")
+        o = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(dtype), mask=keep, scale=1.0)
+        x = x + linear(a["o"], o.reshape(B, L, -1))
+        d = ff["DenseReluDense"]
+        gelu = functools.partial(jax.nn.gelu, approximate=True)
+        x = x + gated_mlp(norm(ff, x), d["wi_0"]["weight"], d["wi_1"]["weight"], d["wo"]["weight"], gelu)
+    return rms_norm(enc["final_layer_norm"]["weight"], x, cfg.layer_norm_epsilon).astype(jnp.float32)
+
+
+def init_t5(key, cfg):
+    """A random T5 encoder with Hugging Face's initialisation scales (for tests and the default run)."""
+    keys = (jax.random.fold_in(key, i) for i in itertools.count())
+    D, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+    w = lambda shape, std: {"weight": std * jax.random.normal(next(keys), shape, jnp.float32)}
+    ln = lambda: {"layer_norm": {"weight": jnp.ones((D,), jnp.float32)}}
+
+    def block(i):
+        att = {"q": w((D, inner), (D * cfg.d_kv) ** -0.5), "k": w((D, inner), D**-0.5),
+               "v": w((D, inner), D**-0.5), "o": w((inner, D), inner**-0.5)}
+        if i == 0:
+            att["relative_attention_bias"] = w((cfg.relative_attention_num_buckets, cfg.num_heads), D**-0.5)
+        ff = {"wi_0": w((D, cfg.d_ff), D**-0.5), "wi_1": w((D, cfg.d_ff), D**-0.5), "wo": w((cfg.d_ff, D), cfg.d_ff**-0.5)}
+        return {"layer": [{"SelfAttention": att} | ln(), {"DenseReluDense": ff} | ln()]}
+
+    return {
+        "shared": w((cfg.vocab_size, D), 1.0),
+        "encoder": {"block": [block(i) for i in range(cfg.num_layers)],
+                    "final_layer_norm": {"weight": jnp.ones((D,), jnp.float32)}},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer:
+    """T5's rule: sentencepiece pieces, then </s> (id 1), truncated with </s> kept last, padded with 0."""
+
+    def __init__(self, spiece_model_path):
+        import sentencepiece
+
+        if not os.path.isfile(spiece_model_path):
+            raise FileNotFoundError(f"{spiece_model_path}: no sentencepiece model (spiece.model) there")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=spiece_model_path)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, prompts, max_length=256):
+        ids = np.zeros((len(prompts), max_length), np.int32)
+        for row, pieces in zip(ids, self.sp.encode(list(prompts))):
+            seq = pieces[: max_length - 1] + [1]
+            row[: len(seq)] = seq
+        return ids, (ids != 0).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def read_safetensors(path):
+    """{name: array}, memory-mapped: nothing is copied until an array is used."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, np.uint8, "r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        if end > data.size or end - start != dtype.itemsize * math.prod(info["shape"]):
+            raise ValueError(f"{path}: tensor {name} lies outside the file (truncated?)")
+        out[name] = data[start:end].view(dtype).reshape(tuple(info["shape"]))
+    return out
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: array} atomically (temporary file, then rename)."""
+    tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}
+    header, offset = {"__metadata__": metadata or {}}, 0
+    for k, v in tensors.items():
+        header[k] = {"dtype": _NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for v in tensors.values():
+            f.write(v.tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def flatten(tree):
+    """Nested dicts/lists -> {"a.0.b": leaf}, in jax's leaf order: the checkpoint names of the parameters."""
+    name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "idx", None))) for k in path)
+    return {name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_like(template, flat, source):
+    """Arrange flat {name: array} in the structure of `template`, checking every name and shape."""
+    expected = flatten(template)
+    for k in flat.keys() - expected.keys():
+        raise ValueError(f"{source}: unexpected key {k}")
+    for k, t in expected.items():
+        if k not in flat:
+            raise ValueError(f"{source}: missing key {k}")
+        if tuple(flat[k].shape) != tuple(t.shape):
+            raise ValueError(f"{source}: key {k} has shape {tuple(flat[k].shape)}, expected {tuple(t.shape)}")
+    leaves = [jnp.asarray(flat[k], t.dtype) for k, t in expected.items()]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def read_weights(folder, stem):
+    """All tensors of `stem`.safetensors or of the shards named by `stem`.safetensors.index.json."""
+    index = os.path.join(folder, stem + ".safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_safetensors(os.path.join(folder, s)).items()}
+    path = os.path.join(folder, stem + ".safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no {stem}.safetensors (nor its .index.json) there")
+    return read_safetensors(path)
+
+
+def _read_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no config.json there")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_t5(path):
+    """(T5Config, params) from a Hugging Face T5 / FLAN-T5 folder; the decoder, if present, is ignored."""
+    hf = _read_config(path)
+    if hf.get("model_type") != "t5" or hf.get("feed_forward_proj") != "gated-gelu":
+        raise ValueError(f"{path}/config.json: expected a gated-gelu T5 (FLAN-T5, T5 v1.1), got model_type="
+                         f"{hf.get('model_type')!r} feed_forward_proj={hf.get('feed_forward_proj')!r}")
+    cfg = T5Config(**{f.name: hf[f.name] for f in dataclasses.fields(T5Config) if f.name in hf})
+    flat = {k: v for k, v in read_weights(path, "model").items() if k.startswith(("encoder.", "shared."))}
+    if "shared.weight" not in flat and "encoder.embed_tokens.weight" in flat:
+        flat["shared.weight"] = flat["encoder.embed_tokens.weight"]
+    flat.pop("encoder.embed_tokens.weight", None)
+    flat = {k: v.T if v.ndim == 2 and k.split(".")[-2] in ("q", "k", "v", "o", "wi_0", "wi_1", "wo") else v
+            for k, v in flat.items()}
+    template = jax.eval_shape(functools.partial(init_t5, cfg=cfg), jax.random.key(0))
+    return cfg, unflatten_like(template, flat, os.path.join(path, "model.safetensors"))
+
+
+def load_diffusers_mmjit(path):
+    """(MMJiTConfig, params) from a released MiniT2I Diffusers `transformer/` folder (or its parent, or the
+    safetensors file inside it). Timestep and pooled embedders of that port feed nothing: dropped."""
+    if os.path.isfile(path):
+        folder, stem = os.path.dirname(path), os.path.basename(path).removesuffix(".safetensors")
+    else:
+        folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+        stem = "diffusion_pytorch_model"
+    c = _read_config(folder)
+    if c.get("txt_hidden_size", c.get("hidden_size")) != c.get("hidden_size"):
+        raise ValueError(f"{folder}/config.json: txt_hidden_size {c['txt_hidden_size']} != hidden_size")
+    names = {"txt_dim": "txt_input_size", "depth": "depth_double"}
+    try:
+        cfg = MMJiTConfig(**{f.name: c[names.get(f.name, f.name)] for f in dataclasses.fields(MMJiTConfig)})
+    except KeyError as e:
+        raise ValueError(f"{folder}/config.json: missing key {e.args[0]}") from None
+    flat = {}
+    for k, v in read_weights(folder, stem).items():
+        k = k.removeprefix("model.net.")
+        if k.startswith(("t_embedder.", "pooled_embedder.")):
+            continue
+        # PyTorch layouts -> ours: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO; mask_token [1, 1, Dt] -> [Dt]
+        flat[k] = v.reshape(-1) if k == "mask_token" else v.T if v.ndim == 2 else v.transpose(2, 3, 1, 0) if v.ndim == 4 else v
+    template = jax.eval_shape(functools.partial(init_mmjit, cfg=cfg), jax.random.key(0))
+    return cfg, unflatten_like(template, flat, os.path.join(folder, stem + ".safetensors"))
