@@ -370,6 +370,11 @@ def unflatten_like(template, flat, source):
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+def load_params(path, like):
+    """Parameters saved as write_safetensors(path, flatten(params)), in the structure and dtypes of `like`."""
+    return unflatten_like(like, read_safetensors(path), path)
+
+
 def read_weights(folder, stem):
     """All tensors of `stem`.safetensors or of the shards named by `stem`.safetensors.index.json."""
     index = os.path.join(folder, stem + ".safetensors.index.json")
@@ -391,6 +396,9 @@ def _read_config(folder):
         return json.load(f)
 
 
+_T5_LINEAR = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # stored [out, in] by Hugging Face
+
+
 def load_t5(path):
     """(T5Config, params) from a Hugging Face T5 / FLAN-T5 folder; the decoder, if present, is ignored."""
     hf = _read_config(path)
@@ -402,10 +410,20 @@ def load_t5(path):
     if "shared.weight" not in flat and "encoder.embed_tokens.weight" in flat:
         flat["shared.weight"] = flat["encoder.embed_tokens.weight"]
     flat.pop("encoder.embed_tokens.weight", None)
-    flat = {k: v.T if v.ndim == 2 and k.split(".")[-2] in ("q", "k", "v", "o", "wi_0", "wi_1", "wo") else v
-            for k, v in flat.items()}
+    flat = {k: v.T if k.split(".")[-2] in _T5_LINEAR else v for k, v in flat.items()}
     template = jax.eval_shape(functools.partial(init_t5, cfg=cfg), jax.random.key(0))
     return cfg, unflatten_like(template, flat, os.path.join(path, "model.safetensors"))
+
+
+def save_t5(path, cfg, params):
+    """Write a T5 encoder as a Hugging Face folder (config.json + model.safetensors) that load_t5 reads."""
+    os.makedirs(path, exist_ok=True)
+    hf = dataclasses.asdict(cfg) | {"model_type": "t5", "feed_forward_proj": "gated-gelu", "is_gated_act": True,
+                                    "dense_act_fn": "gelu_new", "architectures": ["T5EncoderModel"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    flat = {k: np.asarray(v).T if k.split(".")[-2] in _T5_LINEAR else np.asarray(v) for k, v in flatten(params).items()}
+    write_safetensors(os.path.join(path, "model.safetensors"), flat)
 
 
 def load_diffusers_mmjit(path):

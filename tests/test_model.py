@@ -90,6 +90,17 @@ def test_t5_other_shapes_and_long_text():
     np.testing.assert_allclose(padded[:, :300], full, atol=1e-5)
 
 
+def test_save_t5_round_trip(tmp_path):
+    cfg, params = model.load_t5(T5)
+    model.save_t5(str(tmp_path), cfg, params)
+    cfg2, params2 = model.load_t5(str(tmp_path))
+    assert cfg2 == cfg
+    on_disk = model.read_safetensors(str(tmp_path / "model.safetensors"))
+    ref = model.read_safetensors(os.path.join(T5, "model.safetensors"))
+    for k, v in on_disk.items():  # Hugging Face's own layout, so other tools read it too
+        np.testing.assert_array_equal(v, ref[k])
+
+
 def test_relative_buckets():
     b = model.t5_relative_buckets(400, 32, 128)
     assert b[10, 10] == 0 and b[10, 11] == 17 and b[11, 10] == 1  # keys after the query use the upper half
