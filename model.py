@@ -352,7 +352,8 @@ def write_safetensors(path, tensors, metadata=None):
 
 def flatten(tree):
     """Nested dicts/lists -> {"a.0.b": leaf}, in jax's leaf order: the checkpoint names of the parameters."""
-    name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "idx", None))) for k in path)
+    part = lambda k: getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))  # dict, list, namedtuple
+    name = lambda path: ".".join(str(part(k)) for k in path)
     return {name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

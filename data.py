@@ -1,0 +1,558 @@
+"""Image-caption data for MiniT2I, host side: sources -> decoded, cropped, tokenised batches.
+
+Sources (mixed by weight): WebDataset tar shards, an image folder with .txt captions, a .jsonl manifest, or
+`synthetic` shapes whose captions describe them. One producer thread walks each source's sample order (a pure
+function of seed, epoch and process) and draws the source of every batch slot from (seed, batch index);
+worker threads only read and decode, and their results are used in submission order. So batches never depend
+on thread timing or worker count, and a small position (batches returned; per source, epoch and samples
+consumed) resumes exactly: the resumed loader rebuilds the current epoch's order and drops what was consumed
+(for tar shards that re-reads the headers, not the images, of shards used this epoch; exact if the files are
+unchanged). Bad input is skipped, counted by reason and the first few named in a warning; a missing path or
+a source without a usable sample is a ValueError at start-up.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import glob
+import io
+import itertools
+import json
+import math
+import os
+import queue
+import re
+import tarfile
+import threading
+import warnings
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTS = ("txt", "caption", "json")  # preferred in this order when a sample has several
+MIN_SIDE = 8  # images with a shorter side below this are skipped
+SHUFFLE_BUFFER = 1000
+PREFETCH_BATCHES = 2
+NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
+STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
+_SYNTH, _EPOCH, _MIX = 0, 1, 2  # separate random streams under one seed
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the short category it is counted under."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- images and captions
+
+def load_image(src, image_size):
+    """Bytes or a path -> float32 [image_size, image_size, 3] in [-1, 1]: decode, apply the EXIF orientation,
+    convert to RGB, resize the shorter side to image_size (antialiased) and center-crop. Raises BadSample."""
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            w, h = im.size
+            # PIL raises above 2x its pixel limit but only warns above 1x; a warnings filter is not
+            # thread-safe, so check the limit here and skip both.
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                raise BadSample("decompression bomb", f"{w}x{h} px")
+            if min(w, h) < MIN_SIDE:
+                raise BadSample("image too small", f"{w}x{h} px")
+            im.draft("RGB", (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers the crop
+            ImageOps.exif_transpose(im, in_place=True)
+            im = to_rgb(im)
+            w, h = im.size
+            s = min(w, h)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # resize and crop in one resampling pass
+            im = im.resize((image_size, image_size), Image.BICUBIC, box=box)
+            return np.asarray(im, np.float32) / 127.5 - 1.0
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSample("decompression bomb", str(e)) from None
+    except Exception as e:  # PIL reports malformed files with many exception types
+        raise BadSample("unreadable image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(im):
+    """Any PIL mode -> RGB. Transparency is composited over white; 16-bit grey keeps its top 8 bits (PIL's own
+    conversion clips it to 255 instead)."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def parse_caption(raw, ext):
+    """Caption bytes (or text) -> stripped text; a .json caption holds it in its "caption" or "text" field."""
+    try:
+        text = raw if isinstance(raw, str) else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadSample("caption not UTF-8", str(e)) from None
+    if ext == "json":
+        try:
+            meta = json.loads(text)
+        except ValueError as e:
+            raise BadSample("unreadable caption", str(e)) from None
+        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        if not isinstance(text, str):
+            raise BadSample("missing caption", 'json without a "caption" or "text" string')
+    if not text.strip():
+        raise BadSample("empty caption")
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------- synthetic shapes
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (240, 210, 40), "purple": (140, 60, 190), "orange": (245, 135, 30)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": COLOURS["blue"]}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"center": (0.5, 0.5), "left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+PLACES = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """One synthetic image: `count` (1 or 2) same-coloured shapes; one object sits at `position`, two sit side
+    by side. dx, dy and scale jitter the layout a little and are not in the caption."""
+    shape: str
+    colour: str
+    background: str
+    count: int = 1
+    position: str = "center"
+    dx: float = 0.0
+    dy: float = 0.0
+    scale: float = 1.0
+
+
+def random_scene(rng):
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    backgrounds = [b for b in BACKGROUNDS if b != colour]
+    dx, dy = rng.uniform(-0.04, 0.04, 2)
+    return Scene(shape=SHAPES[rng.integers(len(SHAPES))], colour=colour,
+                 background=backgrounds[rng.integers(len(backgrounds))], count=1 + int(rng.integers(2)),
+                 position=list(POSITIONS)[rng.integers(len(POSITIONS))], dx=float(dx), dy=float(dy),
+                 scale=float(rng.uniform(0.9, 1.1)))
+
+
+def describe(scene):
+    """The caption of a scene, e.g. "two red circles on a white background"."""
+    if scene.count == 2:
+        return f"two {scene.colour} {scene.shape}s on a {scene.background} background"
+    article = "an" if scene.colour[0] in "aeiou" else "a"
+    return f"{article} {scene.colour} {scene.shape} {PLACES[scene.position]} on a {scene.background} background"
+
+
+def render_scene(scene, image_size):
+    """Scene -> float32 [image_size, image_size, 3] in [-1, 1]; drawn at 4x and box-downsampled for clean edges."""
+    n = 4 * image_size
+    im = Image.new("RGB", (n, n), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(im)
+    if scene.count == 2:
+        centres, r = [(0.27, 0.5), (0.73, 0.5)], 0.18
+    else:
+        centres, r = [POSITIONS[scene.position]], 0.21
+    r, fill = r * scene.scale * n, COLOURS[scene.colour]
+    for cx, cy in centres:
+        x, y = (cx + scene.dx) * n, (cy + scene.dy) * n
+        if scene.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill)
+        elif scene.shape == "square":
+            draw.rectangle((x - r, y - r, x + r, y + r), fill)
+        else:
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill)
+    return np.asarray(im.reduce(4), np.float32) / 127.5 - 1.0
+
+
+# Captions the generator produces, spread over its vocabulary; train.py samples them to show progress.
+SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
+    ("circle", "red", "white"), ("square", "blue", "white", 1, "left"), ("triangle", "yellow", "black", 1, "top"),
+    ("circle", "green", "gray", 2), ("square", "orange", "blue", 1, "right"), ("triangle", "purple", "white", 2),
+    ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
+
+
+# ----------------------------------------------------------------------------- file samples
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Where one image-caption pair lives. A part is (path, offset, size), offset None meaning the whole file;
+    a caption may also be the text itself. `error` (reason, detail) marks a sample known bad when indexed."""
+    name: str
+    image: tuple = None
+    caption: object = None
+    caption_ext: str = "txt"
+    error: tuple = None
+
+
+def read_part(part):
+    path, offset, size = part
+    with open(path, "rb") as f:
+        if offset is None:
+            return f.read()
+        f.seek(offset)
+        return f.read(size)
+
+
+def load_sample(sample, image_size):
+    """Sample -> (image, caption), reading its files; raises BadSample. Runs on the worker threads."""
+    if sample.error:
+        raise BadSample(*sample.error)
+    if sample.image is None:
+        raise BadSample("missing image")
+    if sample.caption is None:
+        raise BadSample("missing caption")
+    try:
+        raw = sample.caption if isinstance(sample.caption, str) else read_part(sample.caption)
+    except OSError as e:
+        raise BadSample("missing caption", str(e)) from None
+    caption = parse_caption(raw, sample.caption_ext)
+    try:
+        data = read_part(sample.image)
+    except OSError as e:
+        raise BadSample("unreadable image", str(e)) from None
+    return load_image(data, image_size), caption
+
+
+def index_tar(path):
+    """A WebDataset shard -> its samples, from the tar headers alone. Members pair up by key (the name up to the
+    first dot of its basename). A shard that is cut short or corrupt keeps the samples before the damage and
+    gets one extra sample marking it, so the damage is counted like any bad sample."""
+    parts, error = {}, None
+    try:
+        end = os.path.getsize(path)
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.offset_data + m.size > end:
+                    error = ("unreadable shard", f"{path} is cut short in {m.name}")
+                    break
+                if m.isfile():
+                    folder, _, base = m.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    parts.setdefault(f"{folder}/{stem}", {})[ext.lower()] = (path, m.offset_data, m.size)
+            stop = tar.offset
+        if error is None:  # tarfile ends quietly at garbage or at the end of the file; a whole tar ends in zeros
+            with open(path, "rb") as f:
+                f.seek(stop)
+                if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                    error = ("unreadable shard", f"{path} is cut short or corrupt at byte {stop}")
+    except (OSError, tarfile.TarError) as e:
+        error = ("unreadable shard", f"{path}: {e}")
+    samples = []
+    for key, found in parts.items():
+        image = next((found[e] for e in IMAGE_EXTS if e in found), None)
+        ext = next((e for e in CAPTION_EXTS if e in found), "txt")
+        samples.append(Sample(f"{path}:{key.lstrip('/')}", image, found.get(ext), ext))
+    if error:
+        samples.append(Sample(path, error=error))
+    return samples
+
+
+def scan_folder(root):
+    """Every image under root (recursively, in sorted order) with the same-named .txt beside it as caption."""
+    samples = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            stem, ext = os.path.splitext(f)
+            if ext[1:].lower() in IMAGE_EXTS:
+                caption = os.path.join(folder, stem + ".txt") if stem + ".txt" in files else None
+                path = os.path.join(folder, f)
+                samples.append(Sample(path, (path, None, None), caption and (caption, None, None)))
+    return samples
+
+
+def read_manifest(path):
+    """A .jsonl manifest -> samples; image paths are relative to the manifest; a bad line is a bad sample."""
+    samples = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image = os.path.join(os.path.dirname(path), row["image"])
+            except (ValueError, KeyError, TypeError) as e:
+                samples.append(Sample(f"{path}:{n}", error=("bad manifest line", f"{type(e).__name__}: {e}")))
+                continue
+            caption = row.get("caption")
+            samples.append(Sample(f"{path}:{n}", (image, None, None), caption if isinstance(caption, str) else None))
+    return samples
+
+
+def expand_braces(pattern):
+    """'a/{00..02}.tar' -> ['a/00.tar', 'a/01.tar', 'a/02.tar']; also comma lists '{x,y}'."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    if span:
+        a, b = span.groups()
+        options = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
+    else:
+        options = m.group(1).split(",")
+    return [pattern[:m.start()] + o + rest for o in options for rest in expand_braces(pattern[m.end():])]
+
+
+def shuffle_buffer(items, rng, size):
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.integers(size)
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+# ----------------------------------------------------------------------------- sources
+
+class Synthetic:
+    """Infinite shapes; sample i of process p is global sample i * process_count + p, so hosts never overlap."""
+
+    def __init__(self, number, seed, image_size, process_index, process_count):
+        self.name, self.number, self.seed, self.image_size = "synthetic", number, seed, image_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def samples(self, epoch, consumed):
+        for i in itertools.count(consumed):
+            yield epoch, i + 1, i * self.process_count + self.process_index
+
+    def load(self, index):
+        scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
+        return render_scene(scene, self.image_size), describe(scene)
+
+
+class Files:
+    """Samples from files, in an order reshuffled every epoch: units (tar shards, or single samples) in a
+    random order, each unit's samples in a random order, through a shuffle buffer."""
+
+    def __init__(self, name, units, expand, number, seed, image_size):
+        self.name, self.units, self.expand = name, units, expand
+        self.number, self.seed, self.image_size = number, seed, image_size
+
+    def epoch_order(self, epoch):
+        rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
+
+        def in_units():
+            for u in rng.permutation(len(self.units)):
+                found = self.expand(self.units[u])
+                for j in rng.permutation(len(found)):
+                    yield found[j]
+        return shuffle_buffer(in_units(), rng, SHUFFLE_BUFFER)
+
+    def samples(self, epoch, consumed):
+        """(epoch, samples consumed once this one is, sample) from `consumed` samples into `epoch`, forever."""
+        while True:
+            n = 0
+            for n, sample in enumerate(self.epoch_order(epoch), 1):
+                if n > consumed:
+                    yield epoch, n, sample
+            if n == 0:
+                raise ValueError(f"--data {self.name}: an epoch without a single sample")
+            epoch, consumed = epoch + 1, 0
+
+    def load(self, sample):
+        return load_sample(sample, self.image_size)
+
+
+def parse_sources(specs):
+    """["path[:weight]", ...] -> [(path, weight)]; the weight (default 1) is split off only when it parses."""
+    sources = []
+    for spec in specs:
+        path, weight = spec, 1.0
+        head, _, tail = spec.rpartition(":")
+        if head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"--data {spec}: the weight must be a positive number")
+        sources.append((path, weight))
+    return sources
+
+
+def open_source(path, number, seed, image_size, process_index=0, process_count=1):
+    """A --data path -> a source holding this process's share: shards[process_index::process_count] for tar
+    shards, the same split of the sample list for a folder or manifest."""
+    if path == "synthetic":
+        return Synthetic(number, seed, image_size, process_index, process_count)
+    expected = "expected .tar shards, a brace pattern of them, an image folder, a .jsonl manifest or 'synthetic'"
+    shards = samples = None
+    if "{" in path:
+        shards = expand_braces(path)
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise ValueError(f"--data {path}: {len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
+    elif not os.path.exists(path):
+        raise ValueError(f"--data {path}: no such file or directory ({expected})")
+    elif os.path.isdir(path):
+        shards = sorted(glob.glob(os.path.join(path, "*.tar"))) or None
+        if shards is None:
+            samples = scan_folder(path)
+    elif path.endswith(".jsonl"):
+        samples = read_manifest(path)
+    elif path.endswith(".tar"):
+        shards = [path]
+    else:
+        raise ValueError(f"--data {path}: unknown kind of file ({expected})")
+    units, kind = (shards, "shards") if shards else (samples, "samples")
+    if not units:
+        raise ValueError(f"--data {path}: no images found ({expected}; a folder needs images with .txt captions)")
+    mine = units[process_index::process_count]
+    if not mine:
+        raise ValueError(f"--data {path}: {len(units)} {kind} cannot be split over {process_count} processes")
+    return Files(path, mine, index_tar if shards else lambda s: [s], number, seed, image_size)
+
+
+def check_usable(source):
+    """Start-up check: the source yields a usable sample within its first few (bounded effort)."""
+    problems = []
+    for _, _, ref in itertools.islice(source.samples(0, 0), STARTUP_TRIES):
+        try:
+            source.load(ref)
+            return
+        except BadSample as e:
+            problems.append(f"{ref.name}: {e}")
+    raise ValueError(f"--data {source.name}: none of its first {len(problems)} samples is usable "
+                     f"(first: {problems[0]})")
+
+
+# ----------------------------------------------------------------------------- the loader
+
+class _Stream:
+    """One source's samples in order, the next few already decoding on the worker pool."""
+
+    def __init__(self, source, position, pool, depth):
+        self.source, self.pool, self.depth = source, pool, depth
+        self.order = source.samples(position["epoch"], position["consumed"])
+        self.position = dict(position)
+        self.good_epoch = position["epoch"]  # last epoch that gave a usable sample
+        self.pending = collections.deque()
+
+    def next(self):
+        """(sample, future of (image, caption)); the position moves past the sample."""
+        while len(self.pending) < self.depth:
+            epoch, consumed, ref = next(self.order)
+            self.pending.append((epoch, consumed, ref, self.pool.submit(self.source.load, ref)))
+        epoch, consumed, ref, future = self.pending.popleft()
+        self.position = {"epoch": epoch, "consumed": consumed}
+        return ref, future
+
+
+class Loader:
+    """Iterator of batches {"images": float32 [B, S, S, 3] in [-1, 1], "ids", "mask": int32 [B, L],
+    "captions": list of B str} mixed from weighted sources. state() is this process's position after the last
+    batch returned; pass it back as `state` to continue with unseen data. Close it (or use `with`)."""
+
+    def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0, process_index=0,
+                 process_count=1, num_workers=None, state=None):
+        specs = parse_sources(sources or ["synthetic"])
+        self.sources = [open_source(path, i, seed, image_size, process_index, process_count)
+                        for i, (path, _) in enumerate(specs)]
+        for source in self.sources:
+            check_usable(source)
+        weights = np.array([w for _, w in specs])
+        self.weights = weights / weights.sum()
+        state = state or {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {}}
+        if len(state["sources"]) != len(specs):
+            raise ValueError(f"data state has {len(state['sources'])} sources but --data gives {len(specs)}")
+        self.batch_size, self.tokenizer, self.max_length = batch_size, tokenizer, max_length
+        self.seed = seed
+        self._state = json.loads(json.dumps(state))
+        self.skip_reasons = collections.Counter(self._state["skipped"])
+        self._named_skips = 0
+        num_workers = num_workers or min(8, os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="data")
+        self._streams = [_Stream(source, position, self._pool, depth=2 * num_workers + 2)
+                         for source, position in zip(self.sources, self._state["sources"])]
+        self._queue = queue.Queue(PREFETCH_BATCHES)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(self._state["batches"],), daemon=True)
+        self._thread.start()
+
+    @property
+    def skipped(self):
+        return sum(self.skip_reasons.values())
+
+    def state(self):
+        return json.loads(json.dumps(self._state))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._stop.is_set():
+            raise RuntimeError("the data loader is closed")
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            self.close()
+            raise item
+        batch, self._state = item
+        self.skip_reasons = collections.Counter(self._state["skipped"])
+        return batch
+
+    def close(self):
+        self._stop.set()
+        self._pool.shutdown(cancel_futures=True)
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _produce(self, batches):
+        """Producer thread: assemble batch after batch into the bounded queue; an error goes there too."""
+        skipped = collections.Counter(self._state["skipped"])
+        try:
+            while not self._stop.is_set():
+                # The same draws on every process, so synthetic positions agree across processes.
+                rng = np.random.default_rng([self.seed, _MIX, batches])
+                picks = rng.choice(len(self._streams), size=self.batch_size, p=self.weights)
+                images, captions = [], []
+                for i in picks:
+                    image, caption = self._next_usable(self._streams[i], skipped)
+                    images.append(image)
+                    captions.append(caption)
+                ids, mask = self.tokenizer.encode(captions, self.max_length)
+                batches += 1
+                batch = {"images": np.stack(images), "ids": np.asarray(ids, np.int32),
+                         "mask": np.asarray(mask, np.int32), "captions": captions}
+                state = {"batches": batches, "sources": [s.position for s in self._streams], "skipped": dict(skipped)}
+                self._put((batch, state))
+        except Exception as e:
+            self._put(e)
+
+    def _next_usable(self, stream, skipped):
+        while True:
+            ref, future = stream.next()
+            try:
+                result = future.result()
+            except BadSample as e:
+                skipped[e.reason] += 1
+                self._named_skips += 1
+                if self._named_skips <= NAMED_SKIPS:
+                    more = "; further skipped samples are only counted" if self._named_skips == NAMED_SKIPS else ""
+                    warnings.warn(f"data: skipped {ref.name} ({e}){more}", stacklevel=2)
+                if stream.position["epoch"] > stream.good_epoch + 1:
+                    raise ValueError(f"--data {stream.source.name}: a whole epoch without a usable sample") from None
+                continue
+            stream.good_epoch = stream.position["epoch"]
+            return result
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass

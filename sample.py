@@ -1,0 +1,265 @@
+"""Sample images from MiniT2I: integrate the flow-matching ODE from noise (t=0) to data (t=1) with Euler or
+Heun steps and classifier-free guidance, then write a captioned grid PNG and, with --out-dir, one PNG per image.
+
+    python sample.py --ckpt runs/tiny --prompt "a red circle" --prompt "a blue square" --n 4 --guidance 4
+    python sample.py --ckpt MiniT2I-B16 --t5 flan-t5-large --prompts-file geneval.txt --out-dir samples/
+
+--ckpt is a train.py run directory (its latest checkpoint), one of its checkpoints/step_XXXXXXXX folders, or a
+released Diffusers folder; run weights are the EMA ones unless --no-ema. A released folder needs --t5.
+"""
+import argparse
+import functools
+import json
+import os
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+import model
+
+NOISE_SCALE = 2.0  # x at t=0 is 2 N(0, I), as in training
+RELEASED_TEXT_LENGTH = 256  # the released models' prompt_length, when their config does not say
+
+# ------------------------------------------------------------------------------------------------ sampler
+
+
+def velocity(x0_hat, x, t, a_min):
+    """The flow velocity implied by the predicted clean image; a_min keeps it finite as t -> 1."""
+    return (x0_hat - x) / jnp.maximum(1.0 - t, a_min)
+
+
+def guided_velocity(params, cfg, context, mask, guidance, a_min, interval, dtype):
+    """velocity_fn(x, t) with classifier-free guidance. The unconditional branch is the same prompt with an
+    all-zero mask (every token becomes mask_token, as in caption-drop training); both branches run as one
+    batch of 2B. Guidance applies to evaluations with lo <= t <= hi; elsewhere the conditional velocity."""
+    context2 = jnp.concatenate([context, context])  # [2B, L, Dt]
+    mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)])
+
+    def velocity_fn(x, t):
+        x2 = jnp.concatenate([x, x])  # [2B, H, W, C]
+        x0_hat = model.mmjit_apply(params, cfg, x2, context2, mask2, dtype)
+        v_cond, v_uncond = jnp.split(velocity(x0_hat, x2, t, a_min), 2)
+        s = jnp.where((interval[0] <= t) & (t <= interval[1]), guidance, 1.0)  # s = 1 is v_cond
+        return v_uncond + s * (v_cond - v_uncond)
+
+    return velocity_fn
+
+
+def integrate(velocity_fn, x, steps, sampler="euler"):
+    """Solve dx/dt = velocity_fn(x, t) from t=0 to t=1 in `steps` uniform steps. Heun averages the velocity
+    at both ends of each Euler step; on the last step the end point is t=1, where the velocity only rests on
+    the a_min clamp, so that step stays Euler (as in the reference)."""
+    if sampler not in ("euler", "heun"):
+        raise ValueError(f"unknown sampler {sampler!r}: euler or heun")
+    ts = jnp.linspace(0.0, 1.0, steps + 1)
+
+    def step(i, x):
+        t, dt = ts[i], ts[i + 1] - ts[i]
+        v = velocity_fn(x, t)
+        x_euler = x + dt * v
+        if sampler == "euler":
+            return x_euler
+        heun = lambda: x + dt * 0.5 * (v + velocity_fn(x_euler, ts[i + 1]))
+        return jax.lax.cond(i < steps - 1, heun, lambda: x_euler)
+
+    return jax.lax.fori_loop(0, steps, step, x)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampler", "dtype"))
+def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="euler", a_min=0.05,
+           guidance_interval=(0.0, 1.0), dtype=jnp.float32):
+    """Images [B, H, W, 3], unclipped, from noise [B, H, W, 3] (already 2 N(0, I)) and T5 features context
+    [B, L, Dt] with mask [B, L]. guidance, a_min and the interval are traced: changing them does not
+    recompile. dtype is the network's compute dtype (the integration stays float32)."""
+    velocity_fn = guided_velocity(params, cfg, context, mask, guidance, a_min, guidance_interval, dtype)
+    return integrate(velocity_fn, noise, steps, sampler)
+
+
+encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, T5Config, ids, mask) -> [B, L, Dt]
+
+
+def initial_noise(seeds, cfg):
+    """x at t=0 for each image from its own seed, so an image never depends on the batch it is in."""
+    shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
+    return jnp.stack([NOISE_SCALE * jax.random.normal(jax.random.key(s), shape) for s in seeds])
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_run(path):
+    """A train.py run directory: its config.json holds the model config (a Diffusers one is flat)."""
+    config = os.path.join(path, "config.json")
+    return os.path.isfile(config) and "model" in read_json(config)
+
+
+def latest_checkpoint(run):
+    """The highest finished step: checkpoints are renamed into place, so a step_ folder is complete."""
+    root = os.path.join(run, "checkpoints")
+    steps = [d for d in (os.listdir(root) if os.path.isdir(root) else [])
+             if d.startswith("step_") and d[5:].isdigit() and os.path.isfile(os.path.join(root, d, "state.json"))]
+    if not steps:
+        raise FileNotFoundError(f"{run}: no finished checkpoint in {root}")
+    return os.path.join(root, max(steps, key=lambda d: int(d[5:])))
+
+
+def load_denoiser(path, use_ema=True):
+    """(cfg, params, T5 folder, text length) from a train.py run (its latest checkpoint), one of its
+    checkpoints, or a released Diffusers folder or file, whose T5 folder is not part of it (None)."""
+    is_checkpoint = os.path.isfile(os.path.join(path, "state.json"))
+    if is_checkpoint or is_run(path):
+        ckpt = path if is_checkpoint else latest_checkpoint(path)
+        run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))  # RUN/checkpoints/step_XXXXXXXX
+        config = read_json(os.path.join(run, "config.json"))
+        try:
+            cfg = model.MMJiTConfig(**config["model"])
+        except TypeError as e:
+            raise ValueError(f"{run}/config.json: not a model config ({e})") from None
+        like = jax.eval_shape(functools.partial(model.init_mmjit, cfg=cfg), jax.random.key(0))
+        params = model.load_params(os.path.join(ckpt, "ema.safetensors" if use_ema else "params.safetensors"), like)
+        return cfg, params, os.path.join(run, config["t5"]), config["text_length"]  # join keeps absolute paths
+    cfg, params = model.load_diffusers_mmjit(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)  # the file, the transformer/ or its parent
+    folder = os.path.join(folder, "transformer") if os.path.isdir(os.path.join(folder, "transformer")) else folder
+    config = read_json(os.path.join(folder, "config.json"))
+    return cfg, params, None, config.get("prompt_length", RELEASED_TEXT_LENGTH)
+
+
+def load_text_encoder(path, cfg):
+    """(T5Config, params, Tokenizer) from a Hugging Face T5 folder holding spiece.model."""
+    t5cfg, t5params = model.load_t5(path)
+    if t5cfg.d_model != cfg.txt_dim:
+        raise ValueError(f"T5 width {t5cfg.d_model} does not match the checkpoint's txt_dim {cfg.txt_dim}")
+    tokenizer = model.Tokenizer(os.path.join(path, "spiece.model"))
+    if tokenizer.vocab_size > t5cfg.vocab_size:
+        raise ValueError(f"{path}: spiece.model has {tokenizer.vocab_size} pieces, the T5 only {t5cfg.vocab_size}")
+    return t5cfg, t5params, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> uint8 pixels; the only place the samples are clipped."""
+    return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
+    """A PIL image of images [N, H, W, 3] in [-1, 1], each with its caption (N strings) wrapped under it.
+    Small images are enlarged (nearest neighbour) to at least min_cell pixels so that captions fit."""
+    pixels = to_uint8(images)
+    n, h, w = pixels.shape[:3]
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    zoom = -(-min_cell // w)
+    font = ImageFont.load_default()
+    line_h, pad = font.getbbox("Agy")[3] + 2, 4
+    chars = max(1, int((w * zoom - 2 * pad) // font.getlength("n")))
+    lines = [textwrap.wrap(c, chars, max_lines=max_lines, placeholder=" ...") for c in captions]
+    cell_w, cell_h = w * zoom + pad, h * zoom + pad + line_h * max(map(len, lines)) + pad
+    grid = Image.new("RGB", (cols * cell_w + pad, -(-n // cols) * cell_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, caption) in enumerate(zip(pixels, lines)):
+        x, y = pad + (k % cols) * cell_w, pad + (k // cols) * cell_h
+        grid.paste(Image.fromarray(image).resize((w * zoom, h * zoom), Image.NEAREST), (x, y))
+        for j, line in enumerate(caption):
+            draw.text((x, y + h * zoom + pad // 2 + j * line_h), line, fill="black", font=font)
+    return grid
+
+
+def save_png(path, image, metadata):
+    """One image at its own resolution, with its prompt and sampling settings as PNG text chunks."""
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a train.py run or checkpoint, or a released Diffusers folder")
+    parser.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of the EMA ones")
+    parser.add_argument("--t5", help="FLAN-T5 folder with spiece.model (overrides the run's T5)")
+    parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    parser.add_argument("--prompts-file", help="one prompt per line (blank lines skipped)")
+    parser.add_argument("--n", type=int, default=4, help="images per prompt")
+    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
+                             "--n 1 --seed S reproduces it alone")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch (x2 for guidance)")
+    parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
+    parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
+    args = parser.parse_args(argv)
+    fail = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--prompts-file: {e}")
+    if not prompts:
+        fail("no prompts: give --prompt or --prompts-file")
+    for flag, value in (("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            fail(f"{flag} must be at least 1, got {value}")
+    if args.guidance < 0:
+        fail(f"--guidance must be >= 0, got {args.guidance}")
+    if not os.path.exists(args.ckpt):
+        fail(f"--ckpt {args.ckpt}: no such file or directory")
+    try:
+        cfg, params, t5_path, text_length = load_denoiser(args.ckpt, use_ema=not args.no_ema)
+        if not (args.t5 or t5_path):
+            fail(f"--ckpt {args.ckpt} is a released model: give --t5 DIR (the FLAN-T5 folder with spiece.model)")
+        t5cfg, t5params, tokenizer = load_text_encoder(args.t5 or t5_path, cfg)
+    except KeyError as e:
+        fail(f"--ckpt {args.ckpt}: missing key {e} in its config")
+    except (OSError, ValueError) as e:
+        fail(" ".join(str(e).split()))  # one line, whatever the message
+    out = args.out or (None if args.out_dir else "grid.png")
+    for folder in (args.out_dir, out and os.path.dirname(out)):
+        if folder:  # made now, not found missing after the whole job
+            os.makedirs(folder, exist_ok=True)
+
+    # Every (prompt, sample) pair in one list, cut into equal batches: the last is padded (its padding then
+    # dropped) so that one compiled sampler serves them all.
+    items = [(i, j) for i in range(len(prompts)) for j in range(args.n)]
+    batch = min(args.batch_size, len(items))
+    grid = []
+    for start in tqdm(range(0, len(items), batch), desc=f"{args.sampler}, {args.steps} steps a batch", unit="batch"):
+        chunk = items[start:start + batch]
+        ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)), text_length)
+        noise = initial_noise(range(args.seed + start, args.seed + start + batch), cfg)
+        images = sample(params, cfg, encode_text(t5params, t5cfg, ids, mask), mask, noise, steps=args.steps,
+                        guidance=args.guidance, sampler=args.sampler)
+        images = np.asarray(images)[:len(chunk)]
+        if args.out_dir:
+            for k, ((i, j), image) in enumerate(zip(chunk, images)):
+                save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image,
+                         {"prompt": prompts[i], "seed": args.seed + start + k, "steps": args.steps,
+                          "guidance": args.guidance, "sampler": args.sampler})
+        if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing
+            grid.append(images)
+    if out:  # one row per prompt, the prompt under each of its images (one image each: a square grid)
+        make_grid(np.concatenate(grid), [prompts[i] for i, _ in items], cols=args.n if args.n > 1 else None).save(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""sample.py: the sampler against the reference's samples, Heun's order, seeds, and the CLI end to end."""
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import model
+import sample
+from conftest import FIXTURES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MMJIT = os.path.join(FIXTURES, "mmjit_tiny")
+SPIECE = os.path.join(FIXTURES, "tokenizer_tiny", "spiece.model")
+
+
+@pytest.mark.parametrize("sampler, key", [("euler", "sample"), ("heun", "sample_heun")])
+def test_matches_reference(sampler, key):
+    cfg, params = model.load_diffusers_mmjit(MMJIT)
+    io = np.load(os.path.join(MMJIT, "io.npz"))
+    with jax.default_matmul_precision("highest"):
+        out = sample.sample(params, cfg, io["context"], io["mask"], io["noise"], steps=int(io["sample_steps"]),
+                            guidance=float(io["cfg_scale"]), sampler=sampler, a_min=float(io["sample_a_min"]),
+                            guidance_interval=(0.0, 1.0))  # the whole of [0, 1]: guided throughout
+    # The last row has an all-zero mask (both branches equal), and the last step's 1 - t is below a_min.
+    np.testing.assert_allclose(out, io[key], atol=1e-4, rtol=0)
+
+
+def test_heun_is_second_order():
+    """On a smooth nonlinear field, doubling the steps halves Euler's error and quarters Heun's, though
+    Heun's last step is plain Euler (one step's local error is O(dt^2): the order survives)."""
+    field = lambda x, t: jnp.cos(3 * t) * x - 0.5 * x**3 + t
+    x0 = jnp.array([-1.5, -0.5, 0.3, 1.2])
+    reference = sample.integrate(field, x0, 2**15, "euler")  # measured 3e-5 from 2**16 steps
+    error = lambda steps, sampler: float(jnp.abs(sample.integrate(field, x0, steps, sampler) - reference).max())
+    euler, heun = [[error(n, s) for n in (8, 16, 32)] for s in ("euler", "heun")]
+    for coarse, fine in zip(euler, euler[1:]):
+        assert 1.8 < coarse / fine < 2.2, euler  # measured 2.04, 2.02
+    for coarse, fine in zip(heun, heun[1:]):
+        assert 3.4 < coarse / fine < 4.6, heun  # measured 3.72, 3.89
+    assert heun[0] < euler[0] / 5
+
+
+def test_guidance_interval():
+    """Outside the interval the velocity is the conditional one (guidance 1), whatever the scale. The
+    settings are the reference test's: guidance and the interval are traced, so its compile is reused."""
+    cfg, params = model.load_diffusers_mmjit(MMJIT)
+    io = np.load(os.path.join(MMJIT, "io.npz"))
+    with jax.default_matmul_precision("highest"):
+        run = lambda s, interval: sample.sample(params, cfg, io["context"], io["mask"], io["noise"],
+                                                steps=int(io["sample_steps"]), guidance=s, sampler="euler",
+                                                a_min=float(io["sample_a_min"]), guidance_interval=interval)
+        unguided, never, late, always = run(1.0, (0.0, 1.0)), run(3.0, (2.0, 3.0)), run(3.0, (0.5, 1.0)), run(3.0, (0.0, 1.0))
+    np.testing.assert_allclose(never, unguided, atol=1e-5)
+    np.testing.assert_allclose(always, io["sample"], atol=1e-4)
+    assert 1e-2 < float(jnp.abs(late - unguided).max()) and 1e-2 < float(jnp.abs(late - always).max())
+
+
+def test_noise_depends_on_seed_only():
+    cfg = model.MMJiTConfig(image_size=8)
+    whole = sample.initial_noise(range(10, 14), cfg)
+    parts = jnp.concatenate([sample.initial_noise([10, 11], cfg), sample.initial_noise([12, 13], cfg)])
+    np.testing.assert_array_equal(whole, parts)
+    np.testing.assert_array_equal(whole, sample.initial_noise(range(10, 14), cfg))
+    assert whole.shape == (4, 8, 8, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
+
+
+def test_latest_checkpoint(tmp_path):
+    for name, finished in (("step_00000002", True), ("step_00000010", True), ("step_00000020", False),
+                           ("tmp_00000030", True)):
+        os.makedirs(tmp_path / "checkpoints" / name)
+        if finished:
+            (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
+    assert sample.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_00000010")
+
+
+def test_make_grid_enlarges_and_captions():
+    grid = sample.make_grid(np.zeros((4, 32, 32, 3)), ["a much longer caption " * 6, "b", "c", "d"], cols=2)
+    assert grid.width >= 2 * 128 and grid.height >= 2 * (128 + 3 * 10)  # long captions wrap to three lines
+    pixels = np.asarray(grid)
+    assert (pixels[4:132, 4:132] == 128).all()  # the first image, 4x enlarged (0 is mid-grey)
+    assert (pixels[132:180, 4:132] < 100).any()  # black text on white under it
+
+
+def random_params(init, cfg, seed):
+    """Random weights in the structure `init` builds, drawn by numpy: compiling jax's initialisers costs
+    seconds even for a tiny model (a random-number kernel per tensor). Norm scales and biases near 1."""
+    rng = np.random.default_rng(seed)
+    like = jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
+    draw = lambda t: 1 + 0.1 * rng.standard_normal(t.shape) if t.ndim == 1 else rng.standard_normal(t.shape) / np.sqrt(t.shape[0])
+    return jax.tree.map(lambda t: draw(t).astype(np.float32), like)
+
+
+TINY_T5 = model.T5Config(vocab_size=96, d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
+
+
+def write_run_like_train(run):
+    """A tiny run directory as train.py writes it: config.json, a random T5 with its spiece.model in RUN/t5,
+    and one checkpoint RUN/checkpoints/step_00000002/ holding params, ema, opt_state and state.json."""
+    cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
+                            txt_preamble_depth=1, num_heads=2, head_dim=16, pca_channels=8)
+    model.save_t5(os.path.join(run, "t5"), TINY_T5, random_params(model.init_t5, TINY_T5, 1))
+    shutil.copy(SPIECE, os.path.join(run, "t5"))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(cfg), "t5": "t5", "text_length": 8, "recipe": {}}, f)
+    ckpt = os.path.join(run, "checkpoints", "step_00000002")
+    os.makedirs(ckpt)
+    params, ema = random_params(model.init_mmjit, cfg, 0), random_params(model.init_mmjit, cfg, 4)
+    for name, tree in (("params", params), ("ema", ema), ("opt_state", {"count": jnp.zeros(())})):
+        model.write_safetensors(os.path.join(ckpt, f"{name}.safetensors"), model.flatten(tree))
+    with open(os.path.join(ckpt, "state.json"), "w") as f:
+        json.dump({"step": 2}, f)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run"))
+    write_run_like_train(run)
+    return run
+
+
+def read_pngs(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with Image.open(os.path.join(folder, name)) as im:
+            out[name] = (np.asarray(im), dict(im.text))
+    return out
+
+
+def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
+    args = ["--ckpt", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--n", "2",
+            "--steps", "3", "--guidance", "3", "--sampler", "heun"]
+    # 4 images in batches of 3: the second batch is padded.
+    proc = subprocess.run([sys.executable, "sample.py", *args, "--seed", "5", "--batch-size", "3",
+                           "--out", str(tmp_path / "grid_a.png"), "--out-dir", str(tmp_path / "a")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "grid_a.png") as grid:
+        assert grid.width >= 2 * 128 and grid.height >= 2 * 128  # 2 x 2 cells, 16 px enlarged to 128
+    a = read_pngs(tmp_path / "a")
+    assert list(a) == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png"]
+    pixels, meta = a["0001_0.png"]
+    assert pixels.shape == (16, 16, 3) and pixels.std() > 1
+    assert meta == {"prompt": "a blue square", "seed": "7", "steps": "3", "guidance": "3.0", "sampler": "heun"}
+
+    # In-process from here (one compile for all): another batch size gives the same images, the same seed the
+    # same pixels, another seed or the raw weights others; the checkpoint folder itself gives the run's.
+    monkeypatch.chdir(tmp_path)
+    ckpt = sample.latest_checkpoint(run_dir)
+    for folder, more in (("b", ["--seed", "5"]), ("c", ["--seed", "5"]), ("d", ["--seed", "6"]),
+                         ("e", ["--seed", "5", "--no-ema"]), ("f", ["--seed", "5", "--ckpt", ckpt])):
+        sample.main([*args, *more, "--batch-size", "4", "--out-dir", folder])
+    b, c, d, e, f = (read_pngs(tmp_path / folder) for folder in "bcdef")
+    assert not os.path.exists("grid.png")  # --out-dir alone writes no grid
+    for name in a:
+        assert np.abs(a[name][0].astype(int) - b[name][0]).max() <= 1  # batch shape may change float rounding
+        np.testing.assert_array_equal(b[name][0], c[name][0])
+        np.testing.assert_array_equal(b[name][0], f[name][0])
+        assert np.abs(b[name][0].astype(int) - d[name][0]).max() > 10
+        assert np.abs(b[name][0].astype(int) - e[name][0]).max() > 10
+
+
+@pytest.fixture(scope="module")
+def released_t5(tmp_path_factory):
+    """A T5 as wide as the fixture's released model (txt_dim 16), with a sentencepiece model."""
+    folder = str(tmp_path_factory.mktemp("t5"))
+    model.save_t5(folder, TINY_T5, random_params(model.init_t5, TINY_T5, 3))
+    shutil.copy(SPIECE, folder)
+    return folder
+
+
+def test_cli_released_model(released_t5, tmp_path):
+    out = str(tmp_path / "grid.png")
+    sample.main(["--ckpt", MMJIT, "--t5", released_t5, "--prompt", "a cat", "--n", "1", "--steps", "2", "--out", out])
+    with Image.open(out) as grid:
+        assert grid.width >= 128 and grid.height >= 128
+
+
+def truncated_run(run_dir, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(run_dir, run)
+    ema = os.path.join(sample.latest_checkpoint(run), "ema.safetensors")
+    with open(ema, "r+b") as f:
+        f.truncate(os.path.getsize(ema) // 2)
+    return run
+
+
+@pytest.mark.parametrize("case, message", [
+    (lambda run, tmp: ["--ckpt", str(tmp / "nowhere"), "--prompt", "x"], "no such file or directory"),
+    (lambda run, tmp: ["--ckpt", truncated_run(run, tmp), "--prompt", "x"], "truncated"),
+    (lambda run, tmp: ["--ckpt", MMJIT, "--t5", os.path.join(FIXTURES, "t5_tiny"), "--prompt", "x"],
+     "T5 width 32 does not match the checkpoint's txt_dim 16"),
+    (lambda run, tmp: ["--ckpt", MMJIT, "--prompt", "x"], "give --t5 DIR"),
+    (lambda run, tmp: ["--ckpt", run], "no prompts"),
+    (lambda run, tmp: ["--ckpt", run, "--prompts-file", str(tmp / "none.txt")], "--prompts-file"),
+    (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--steps", "0"], "--steps must be at least 1"),
+    (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--guidance", "-1"], "--guidance must be >= 0"),
+])
+def test_bad_input(run_dir, tmp_path, capsys, case, message):
+    with pytest.raises(SystemExit) as exit:
+        sample.main(case(run_dir, tmp_path))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("sample.py: error:") and message in err, err
+    assert err.count("\n") == 1
+
+
+def test_bad_input_in_a_real_process(run_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", truncated_run(run_dir, tmp_path), "--prompt", "x"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("sample.py: error:"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
