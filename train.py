@@ -165,12 +165,6 @@ def init_state(key, cfg, tx):
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def latest_checkpoint(run):
-    folder = os.path.join(run, "checkpoints")
-    done = sorted(d for d in os.listdir(folder) if d.startswith("step_")) if os.path.isdir(folder) else []
-    return os.path.join(folder, done[-1]) if done else None
-
-
 def save_checkpoint(run, state, data_state, keep):
     """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable.
     Every process writes its own data position; process 0 writes the arrays (shared filesystem assumed)."""
@@ -211,12 +205,7 @@ def restore_checkpoint(path, state_shapes, shardings):
 
 def load_init_weights(path, cfg):
     """Weights to fine-tune from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = latest_checkpoint(path) or path
-    if os.path.isfile(os.path.join(path, "ema.safetensors")):
-        like = jax.eval_shape(functools.partial(model.init_mmjit, cfg=cfg), jax.random.key(0))
-        return model.load_params(os.path.join(path, "ema.safetensors"), like)
-    loaded, params = model.load_diffusers_mmjit(path)
+    loaded, params, _, _ = sample.load_denoiser(path)
     diff = [f"{k} {v} != {getattr(cfg, k)}" for k, v in dataclasses.asdict(loaded).items()
             if k != "image_size" and v != getattr(cfg, k)]  # weights do not depend on the resolution
     if diff:
@@ -243,17 +232,6 @@ def make_tiny_text_encoder(folder, seed):
         f.write(buf.getvalue())
     cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
     model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(jax.random.key(seed + 1), cfg))
-
-
-def load_text_encoder(path, cfg):
-    try:
-        t5cfg, t5_params = model.load_t5(path)
-        tokenizer = model.Tokenizer(os.path.join(path, "spiece.model"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--t5 {path}: not a usable T5 folder ({e})") from None
-    if t5cfg.d_model != cfg.txt_dim:
-        raise UsageError(f"--t5 {path}: T5 width {t5cfg.d_model} does not match the model's txt_dim {cfg.txt_dim}")
-    return t5cfg, t5_params, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -313,7 +291,10 @@ def main(argv=None):
         jax.distributed.initialize()
     run = args.out or os.path.join("runs", args.preset.replace("/", ""))
     cfg, t5_path = prepare_run(run, r)
-    t5cfg, t5_params, tokenizer = load_text_encoder(t5_path, cfg)
+    try:
+        t5cfg, t5_params, tokenizer = sample.load_text_encoder(t5_path, cfg)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--t5 {t5_path}: not a usable T5 folder ({e})") from None
     if r.batch_size % jax.device_count():
         raise UsageError(f"--batch-size {r.batch_size} must be a multiple of the {jax.device_count()} devices")
 
@@ -323,7 +304,10 @@ def main(argv=None):
     step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r, tx)
     t5_params = jax.device_put(t5_params, NamedSharding(mesh, P()))
 
-    ckpt, data_state = latest_checkpoint(run), None
+    try:
+        ckpt, data_state = sample.latest_checkpoint(run), None
+    except FileNotFoundError:  # a new run
+        ckpt = data_state = None
     if ckpt:
         try:
             state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)

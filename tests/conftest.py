@@ -6,6 +6,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
 
+# A small train.py run (16 px images, 12 text tokens, batch 4) that the tests of train.py and sample.py share.
+SMALL_RUN = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "--log-every", "1", "--sample-every", "0"]
+
 # Tests compile the same small programs many times over (each run of train.main, each subprocess): JAX's
 # persistent compilation cache, shared through the environment with the subprocesses, compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "minit2i-test-jax-cache"))

@@ -1,7 +1,5 @@
 """sample.py: the sampler against the reference's samples, Heun's order, seeds, and the CLI end to end."""
-import dataclasses
 import functools
-import json
 import os
 import shutil
 import subprocess
@@ -15,9 +13,8 @@ from PIL import Image
 
 import model
 import sample
-from conftest import FIXTURES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import train
+from conftest import FIXTURES, ROOT, SMALL_RUN
 MMJIT = os.path.join(FIXTURES, "mmjit_tiny")
 SPIECE = os.path.join(FIXTURES, "tokenizer_tiny", "spiece.model")
 
@@ -58,7 +55,8 @@ def test_guidance_interval():
         run = lambda s, interval: sample.sample(params, cfg, io["context"], io["mask"], io["noise"],
                                                 steps=int(io["sample_steps"]), guidance=s, sampler="euler",
                                                 a_min=float(io["sample_a_min"]), guidance_interval=interval)
-        unguided, never, late, always = run(1.0, (0.0, 1.0)), run(3.0, (2.0, 3.0)), run(3.0, (0.5, 1.0)), run(3.0, (0.0, 1.0))
+        unguided, always = run(1.0, (0.0, 1.0)), run(3.0, (0.0, 1.0))
+        never, late = run(3.0, (2.0, 3.0)), run(3.0, (0.5, 1.0))
     np.testing.assert_allclose(never, unguided, atol=1e-5)
     np.testing.assert_allclose(always, io["sample"], atol=1e-4)
     assert 1e-2 < float(jnp.abs(late - unguided).max()) and 1e-2 < float(jnp.abs(late - always).max())
@@ -70,6 +68,7 @@ def test_noise_depends_on_seed_only():
     parts = jnp.concatenate([sample.initial_noise([10, 11], cfg), sample.initial_noise([12, 13], cfg)])
     np.testing.assert_array_equal(whole, parts)
     np.testing.assert_array_equal(whole, sample.initial_noise(range(10, 14), cfg))
+    assert float(jnp.abs(whole[0] - whole[1]).mean()) > 1  # each seed its own noise
     assert whole.shape == (4, 8, 8, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
 
 
@@ -91,39 +90,24 @@ def test_make_grid_enlarges_and_captions():
 
 
 def random_params(init, cfg, seed):
-    """Random weights in the structure `init` builds, drawn by numpy: compiling jax's initialisers costs
-    seconds even for a tiny model (a random-number kernel per tensor). Norm scales and biases near 1."""
+    """Random weights in the structure `init` builds, drawn by numpy (cheaper than compiling jax's
+    initialisers for a one-off). Norm scales and biases near 1."""
     rng = np.random.default_rng(seed)
     like = jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
-    draw = lambda t: 1 + 0.1 * rng.standard_normal(t.shape) if t.ndim == 1 else rng.standard_normal(t.shape) / np.sqrt(t.shape[0])
+    def draw(t):
+        z = rng.standard_normal(t.shape)
+        return 1 + 0.1 * z if t.ndim == 1 else z / np.sqrt(t.shape[0])
+
     return jax.tree.map(lambda t: draw(t).astype(np.float32), like)
 
 
 TINY_T5 = model.T5Config(vocab_size=96, d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
 
 
-def write_run_like_train(run):
-    """A tiny run directory as train.py writes it: config.json, a random T5 with its spiece.model in RUN/t5,
-    and one checkpoint RUN/checkpoints/step_00000002/ holding params, ema, opt_state and state.json."""
-    cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
-                            txt_preamble_depth=1, num_heads=2, head_dim=16, pca_channels=8)
-    model.save_t5(os.path.join(run, "t5"), TINY_T5, random_params(model.init_t5, TINY_T5, 1))
-    shutil.copy(SPIECE, os.path.join(run, "t5"))
-    with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump({"model": dataclasses.asdict(cfg), "t5": "t5", "text_length": 8, "recipe": {}}, f)
-    ckpt = os.path.join(run, "checkpoints", "step_00000002")
-    os.makedirs(ckpt)
-    params, ema = random_params(model.init_mmjit, cfg, 0), random_params(model.init_mmjit, cfg, 4)
-    for name, tree in (("params", params), ("ema", ema), ("opt_state", {"count": jnp.zeros(())})):
-        model.write_safetensors(os.path.join(ckpt, f"{name}.safetensors"), model.flatten(tree))
-    with open(os.path.join(ckpt, "state.json"), "w") as f:
-        json.dump({"step": 2}, f)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run"))
-    write_run_like_train(run)
+    train.main(SMALL_RUN + ["--out", run, "--steps", "2", "--ckpt-every", "2"])
     return run
 
 
@@ -136,36 +120,43 @@ def read_pngs(folder):
 
 
 def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
-    args = ["--ckpt", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--n", "2",
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--n", "2",
             "--steps", "3", "--guidance", "3", "--sampler", "heun"]
     # 4 images in batches of 3: the second batch is padded.
-    proc = subprocess.run([sys.executable, "sample.py", *args, "--seed", "5", "--batch-size", "3",
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", run_dir, *args, "--seed", "5", "--batch-size", "3",
                            "--out", str(tmp_path / "grid_a.png"), "--out-dir", str(tmp_path / "a")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     with Image.open(tmp_path / "grid_a.png") as grid:
-        assert grid.width >= 2 * 128 and grid.height >= 2 * 128  # 2 x 2 cells, 16 px enlarged to 128
+        assert grid.width >= 2 * 128 and grid.height >= 2 * 128  # 2 x 2 cells, small images enlarged to 128
     a = read_pngs(tmp_path / "a")
     assert list(a) == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png"]
     pixels, meta = a["0001_0.png"]
-    assert pixels.shape == (16, 16, 3) and pixels.std() > 1
+    size = sample.read_json(os.path.join(run_dir, "config.json"))["model"]["image_size"]
+    assert pixels.shape == (size, size, 3)
     assert meta == {"prompt": "a blue square", "seed": "7", "steps": "3", "guidance": "3.0", "sampler": "heun"}
 
     # In-process from here (one compile for all): another batch size gives the same images, the same seed the
-    # same pixels, another seed or the raw weights others; the checkpoint folder itself gives the run's.
+    # same pixels, and the checkpoint folder itself the run's. (Other seeds need not give other pixels here: a
+    # barely trained net ignores its input, its final layer starting at zero.)
     monkeypatch.chdir(tmp_path)
-    ckpt = sample.latest_checkpoint(run_dir)
-    for folder, more in (("b", ["--seed", "5"]), ("c", ["--seed", "5"]), ("d", ["--seed", "6"]),
-                         ("e", ["--seed", "5", "--no-ema"]), ("f", ["--seed", "5", "--ckpt", ckpt])):
-        sample.main([*args, *more, "--batch-size", "4", "--out-dir", folder])
-    b, c, d, e, f = (read_pngs(tmp_path / folder) for folder in "bcdef")
+    for folder, ckpt in (("b", run_dir), ("c", run_dir), ("d", sample.latest_checkpoint(run_dir))):
+        sample.main([*args, "--ckpt", ckpt, "--seed", "5", "--batch-size", "4", "--out-dir", folder])
+    b, c, d = (read_pngs(tmp_path / folder) for folder in "bcd")
     assert not os.path.exists("grid.png")  # --out-dir alone writes no grid
     for name in a:
         assert np.abs(a[name][0].astype(int) - b[name][0]).max() <= 1  # batch shape may change float rounding
         np.testing.assert_array_equal(b[name][0], c[name][0])
-        np.testing.assert_array_equal(b[name][0], f[name][0])
-        assert np.abs(b[name][0].astype(int) - d[name][0]).max() > 10
-        assert np.abs(b[name][0].astype(int) - e[name][0]).max() > 10
+        np.testing.assert_array_equal(b[name][0], d[name][0])
+
+
+@pytest.mark.parametrize("use_ema, name", [(True, "ema"), (False, "params")])
+def test_load_run_weights(run_dir, use_ema, name):
+    cfg, params, t5, text_length = sample.load_denoiser(run_dir, use_ema=use_ema)
+    saved = model.read_safetensors(os.path.join(sample.latest_checkpoint(run_dir), f"{name}.safetensors"))
+    for key, value in model.flatten(params).items():
+        np.testing.assert_array_equal(value, saved[key])
+    assert t5 == os.path.join(run_dir, "t5") and isinstance(text_length, int)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,7 @@ import pytest
 
 import model
 import train
-from conftest import FIXTURES, ROOT
-
-# A small run: 16 px images (16 patches), 12 text tokens; every test that trains uses these flags.
-SMALL = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "--log-every", "1", "--sample-every", "0"]
+from conftest import FIXTURES, ROOT, SMALL_RUN as SMALL
 
 
 def test_loss_matches_reference():
