@@ -4,7 +4,6 @@ All data is made here in tmp_path; a fake tokenizer keeps these tests independen
 
 import io
 import json
-import os
 import struct
 import tarfile
 import zlib

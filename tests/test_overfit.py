@@ -1,0 +1,63 @@
+"""The tiny overfit test: the proof that text conditioning works end to end.
+
+A small MM-JiT learns four captioned images through train.py's own jitted step (caption drop and all).
+Then each caption, sampled from fresh noise, must give back its own image, and swapping the captions must
+swap the images: the only thing telling the four apart is the text.
+"""
+import functools
+
+import jax
+import numpy as np
+
+import data
+import model
+import sample
+import train
+
+SCENES = [data.Scene("circle", "red", "white"), data.Scene("square", "blue", "black", 1, "left"),
+          data.Scene("triangle", "yellow", "gray", 1, "top"), data.Scene("circle", "green", "blue", 2)]
+STEPS = 400
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
+    return float(10 * np.log10(4.0 / np.mean((np.clip(a, -1, 1) - b) ** 2)))
+
+
+def test_tiny_overfit(tmp_path):
+    cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=128, hidden_size=128, depth=2, txt_preamble_depth=1,
+                            num_heads=2, head_dim=64, pca_channels=16)
+    train.make_tiny_text_encoder(str(tmp_path / "t5"), seed=0)
+    t5cfg, t5_params, tokenizer = sample.load_text_encoder(str(tmp_path / "t5"), cfg)
+    captions = [data.describe(s) for s in SCENES]
+    images = np.stack([data.render_scene(s, cfg.image_size) for s in SCENES])  # [4, 16, 16, 3]
+    ids, mask = tokenizer.encode(captions, 12)
+    batch = {"images": np.tile(images, (4, 1, 1, 1)), "ids": np.tile(ids, (4, 1)), "mask": np.tile(mask, (4, 1))}
+
+    r = train.Recipe(batch_size=16, lr=2e-3, warmup=20, ema_warmup=False, ema=0.0)  # EMA = raw weights here
+    tx, _ = train.make_optimizer(r)
+    init = functools.partial(train.init_state, cfg=cfg, tx=tx)
+    step, shardings, _ = train.make_train_step(train.make_mesh(jax.devices()), jax.eval_shape(init, jax.random.key(0)),
+                                               t5_params, cfg, t5cfg, r, tx)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, t5_params, batch)
+        losses.append(metrics["loss"])
+    losses = np.array(losses)
+    # (a) The v-loss starts near 1.2 (measured); memorising four images takes it to 0.06 (measured, last 50
+    # steps). 0.2 still means |x0_hat - x| under 0.45 (1 - t) per pixel: the images are learnt.
+    assert losses[-50:].mean() < 0.2 and losses[:10].mean() > 0.8, losses[::50]
+
+    context = sample.encode_text(t5_params, t5cfg, ids, mask)
+    noise = sample.initial_noise(range(100, 104), cfg)
+    out = np.asarray(sample.sample(state["ema"], cfg, context, mask, noise, steps=25, guidance=1.0))
+    # (b) Each caption gives back its own image: >= 20 dB is an RMS error under 0.2 on the [-1, 1] scale.
+    for i in range(4):
+        assert psnr(out[i], images[i]) >= 20, [psnr(out[i], im) for im in images]
+    # (c) The same noise under another image's caption gives that image, and not the one of the noise's slot.
+    perm = np.array([1, 2, 3, 0])
+    swapped = np.asarray(sample.sample(state["ema"], cfg, context[perm], mask[perm], noise, steps=25, guidance=1.0))
+    for i, j in enumerate(perm):
+        assert psnr(swapped[i], images[j]) >= 20 and psnr(swapped[i], images[i]) < 15, \
+            [psnr(swapped[i], im) for im in images]
