@@ -36,13 +36,14 @@ def velocity(x0_hat, x, t, a_min):
 def guided_velocity(params, cfg, context, mask, guidance, a_min, interval, dtype):
     """velocity_fn(x, t) with classifier-free guidance. The unconditional branch is the same prompt with an
     all-zero mask (every token becomes mask_token, as in caption-drop training); both branches run as one
-    batch of 2B. Guidance applies to evaluations with lo <= t <= hi; elsewhere the conditional velocity."""
-    context2 = jnp.concatenate([context, context])  # [2B, L, Dt]
+    batch of 2B, and the text adapter runs once, before the first step. Guidance applies to evaluations
+    with lo <= t <= hi; elsewhere the conditional velocity."""
     mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)])
+    txt2 = model.text_adapter(params, cfg, jnp.concatenate([context, context]), mask2, dtype)  # [2B, L, D], once
 
     def velocity_fn(x, t):
         x2 = jnp.concatenate([x, x])  # [2B, H, W, C]
-        x0_hat = model.mmjit_apply(params, cfg, x2, context2, mask2, dtype)
+        x0_hat = model.denoise(params, cfg, x2, txt2, dtype)
         v_cond, v_uncond = jnp.split(velocity(x0_hat, x2, t, a_min), 2)
         s = jnp.where((interval[0] <= t) & (t <= interval[1]), guidance, 1.0)  # s = 1 is v_cond
         return v_uncond + s * (v_cond - v_uncond)

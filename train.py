@@ -36,7 +36,7 @@ class Recipe:
     model: str = "tiny"  # a key of model.PRESETS
     image_size: int = 32
     batch_size: int = 32  # global, over all devices and hosts
-    steps: int = 2400
+    steps: int = 720
     lr: float = 1e-3
     warmup: int = 100  # linear warm-up from 1e-6, then constant
     ema: float = 0.995
@@ -55,10 +55,10 @@ class Recipe:
     fsdp: bool = False  # shard parameters and optimiser state over the data axis too
     seed: int = 0
     log_every: int = 50
-    sample_every: int = 600
+    sample_every: int = 240
     sample_steps: int = 50
     guidance: float = 3.0
-    ckpt_every: int = 600
+    ckpt_every: int = 240
     keep: int = 3  # checkpoints kept
     init_from: str = ""  # a train.py run/checkpoint or released Diffusers weights to fine-tune from
 
@@ -97,21 +97,27 @@ def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01,
     return jnp.mean((v_hat - v) ** 2)
 
 
+def lr_schedule(r):
+    return optax.linear_schedule(1e-6, r.lr, r.warmup)  # linear warm-up, then constant
+
+
 def make_optimizer(r):
-    lr = optax.linear_schedule(1e-6, r.lr, r.warmup)
-    adamw = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.0)
-    return (optax.chain(optax.clip_by_global_norm(r.clip), adamw) if r.clip else adamw), lr
+    adam = optax.adam(lr_schedule(r), b1=0.9, b2=0.95)  # the recipe's AdamW has weight decay 0: that is Adam
+    return optax.chain(optax.clip_by_global_norm(r.clip), adam) if r.clip else adam
 
 
 def train_step(state, t5_params, batch, *, cfg, t5cfg, r, tx):
-    """One update: T5 features, caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the
-    step alone, so a resumed run draws exactly what an uninterrupted one would."""
-    params, step = state["params"], state["step"]
-    k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(jax.random.key(r.seed), step), 3)
-    images, B = batch["images"], batch["images"].shape[0]
+    """One update from a batch of images and token ids: the frozen T5's features, then denoiser_step."""
     context = model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"], jnp.dtype(r.precision))
-    keep = jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop
-    mask = batch["mask"] * keep  # a dropped caption becomes all mask_token
+    return denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r, tx=tx)
+
+
+def denoiser_step(state, images, context, mask, *, cfg, r, tx):
+    """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
+    run draws exactly what an uninterrupted one would."""
+    params, step, B = state["params"], state["step"], images.shape[0]
+    k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(jax.random.key(r.seed), step), 3)
+    mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
     loss, grads = jax.value_and_grad(flow_matching_loss)(
@@ -121,7 +127,7 @@ def train_step(state, t5_params, batch, *, cfg, t5cfg, r, tx):
     decay = jnp.minimum(r.ema, (1.0 + step) / (10.0 + step)) if r.ema_warmup else r.ema
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
     new = {"params": params, "ema": ema, "opt_state": opt_state, "step": step + 1}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(r)(step)}
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -299,7 +305,7 @@ def main(argv=None):
         raise UsageError(f"--batch-size {r.batch_size} must be a multiple of the {jax.device_count()} devices")
 
     mesh = make_mesh(jax.devices())
-    tx, lr_schedule = make_optimizer(r)
+    tx = make_optimizer(r)
     state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg, tx=tx), jax.random.key(0))
     step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r, tx)
     t5_params = jax.device_put(t5_params, NamedSharding(mesh, P()))
@@ -335,7 +341,14 @@ def main(argv=None):
 
     start = int(state["step"])
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
-    log = open(os.path.join(run, "log.jsonl"), "a") if jax.process_index() == 0 else None
+    log, kept = None, []
+    if jax.process_index() == 0:  # steps logged after the checkpoint (before a crash) are redone: drop them
+        log_path = os.path.join(run, "log.jsonl")
+        if os.path.isfile(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start]
+        log = open(log_path, "w")
+        log.writelines(kept)
     bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=jax.process_index() != 0)
     last_time, last_step, metrics = time.perf_counter(), start, None
     with loader:
@@ -349,7 +362,7 @@ def main(argv=None):
                 if not np.isfinite(m["loss"]):
                     sys.exit(f"train.py: loss is {m['loss']} at step {done}; stopping, the last checkpoint is kept")
                 now = time.perf_counter()
-                m |= {"step": done, "lr": float(lr_schedule(done - 1)), "skipped": loader.skipped,
+                m |= {"step": done, "skipped": loader.skipped,
                       "images_per_s": (done - last_step) * r.batch_size / (now - last_time)}
                 last_time, last_step = now, done
                 bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}")

@@ -35,7 +35,7 @@ def test_tiny_overfit(tmp_path):
     batch = {"images": np.tile(images, (4, 1, 1, 1)), "ids": np.tile(ids, (4, 1)), "mask": np.tile(mask, (4, 1))}
 
     r = train.Recipe(batch_size=16, lr=2e-3, warmup=20, ema_warmup=False, ema=0.0)  # EMA = raw weights here
-    tx, _ = train.make_optimizer(r)
+    tx = train.make_optimizer(r)
     init = functools.partial(train.init_state, cfg=cfg, tx=tx)
     step, shardings, _ = train.make_train_step(train.make_mesh(jax.devices()), jax.eval_shape(init, jax.random.key(0)),
                                                t5_params, cfg, t5cfg, r, tx)

@@ -64,13 +64,14 @@ DEVICES_SCRIPT = textwrap.dedent("""
     batch = {"images": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
              "ids": rng.integers(2, 40, (8, 6)).astype(np.int32), "mask": np.ones((8, 6), np.int32)}
     out = {}
+    tx = train.make_optimizer(train.Recipe(lr=1e-2, warmup=1))
+    init = functools.partial(train.init_state, cfg=cfg, tx=tx)
+    start = jax.device_get(jax.jit(init)(jax.random.key(0)))  # on the host: each run donates its own copy
     for n, fsdp in [(1, False), (4, False), (4, True)]:
         r = train.Recipe(batch_size=8, fsdp=fsdp, lr=1e-2, warmup=1)
-        tx, _ = train.make_optimizer(r)
-        init = functools.partial(train.init_state, cfg=cfg, tx=tx)
         shapes = jax.eval_shape(init, jax.random.key(0))
         step, shardings, batch_sharding = train.make_train_step(train.make_mesh(jax.devices()[:n]), shapes, t5, cfg, t5cfg, r, tx)
-        state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+        state = jax.device_put(start, shardings)
         sharded = jax.device_put(batch, batch_sharding)
         assert len(sharded["images"].sharding.device_set) == n
         if fsdp:
