@@ -267,12 +267,10 @@ def parse_args(argv):
 
 
 def prepare_run(run, r):
-    """Create the run directory, or check that the one there is this same run. Returns the run's config."""
+    """Check the run directory (a new one, or this same run to resume), find or make the text encoder, and
+    only then write config.json: bad input leaves nothing behind."""
     cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size)
-    t5 = r.t5 or "t5"
-    if not r.t5 and jax.process_index() == 0 and not os.path.isdir(os.path.join(run, t5)):
-        make_tiny_text_encoder(os.path.join(run, t5), r.seed)
-    config = {"model": dataclasses.asdict(cfg), "t5": os.path.abspath(r.t5) if r.t5 else t5,
+    config = {"model": dataclasses.asdict(cfg), "t5": os.path.abspath(r.t5) if r.t5 else "t5",
               "text_length": r.text_length, "recipe": dataclasses.asdict(r)}
     path = os.path.join(run, "config.json")
     if os.path.isfile(path):
@@ -282,13 +280,34 @@ def prepare_run(run, r):
             if old.get(key) != config[key]:
                 raise UsageError(f"{path} holds a different run ({key}: {old.get(key)} != {config[key]}); "
                                  "choose another --out")
+    if r.batch_size % jax.device_count():
+        raise UsageError(f"--batch-size {r.batch_size} must be a multiple of the {jax.device_count()} devices")
+    t5_path = os.path.join(run, config["t5"])  # an absolute path stays as it is
+    if not r.t5 and jax.process_index() == 0 and not os.path.isdir(t5_path):
+        make_tiny_text_encoder(t5_path, r.seed)
+    multihost_utils.sync_global_devices("text encoder ready")
+    try:
+        text_encoder = sample.load_text_encoder(t5_path, cfg)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--t5 {t5_path}: not a usable T5 folder ({e})") from None
     if jax.process_index() == 0:
         os.makedirs(run, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(config, f, indent=1)
         os.replace(path + ".tmp", path)
-    multihost_utils.sync_global_devices("run prepared")
-    return cfg, os.path.join(run, t5) if not r.t5 else r.t5
+    return cfg, text_encoder
+
+
+def open_log(path, start):
+    """log.jsonl, keeping the lines up to the step resumed from: steps logged after the checkpoint (before
+    a crash) are about to be redone."""
+    kept = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start]
+    log = open(path, "w")
+    log.writelines(kept)
+    return log
 
 
 def main(argv=None):
@@ -296,13 +315,7 @@ def main(argv=None):
     if args.distributed:
         jax.distributed.initialize()
     run = args.out or os.path.join("runs", args.preset.replace("/", ""))
-    cfg, t5_path = prepare_run(run, r)
-    try:
-        t5cfg, t5_params, tokenizer = sample.load_text_encoder(t5_path, cfg)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--t5 {t5_path}: not a usable T5 folder ({e})") from None
-    if r.batch_size % jax.device_count():
-        raise UsageError(f"--batch-size {r.batch_size} must be a multiple of the {jax.device_count()} devices")
+    cfg, (t5cfg, t5_params, tokenizer) = prepare_run(run, r)
 
     mesh = make_mesh(jax.devices())
     tx = make_optimizer(r)
@@ -333,22 +346,14 @@ def main(argv=None):
                          process_count=jax.process_count(), state=data_state)
     prompts = data.SYNTHETIC_PROMPTS if not r.data else DEFAULT_PROMPTS
     grid_ids, grid_mask = tokenizer.encode(prompts, r.text_length)
-    grid_noise = r.noise_scale * jax.random.normal(jax.random.key(r.seed + 7), (len(prompts), cfg.image_size, cfg.image_size, 3))
-    encode = jax.jit(model.t5_encode, static_argnums=1)
+    grid_noise = sample.initial_noise(range(len(prompts)), cfg)  # the same noise at every sampling
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))  # finish the step, save, exit 0
 
     start = int(state["step"])
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
-    log, kept = None, []
-    if jax.process_index() == 0:  # steps logged after the checkpoint (before a crash) are redone: drop them
-        log_path = os.path.join(run, "log.jsonl")
-        if os.path.isfile(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start]
-        log = open(log_path, "w")
-        log.writelines(kept)
+    log = open_log(os.path.join(run, "log.jsonl"), start) if jax.process_index() == 0 else None
     bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=jax.process_index() != 0)
     last_time, last_step, metrics = time.perf_counter(), start, None
     with loader:
@@ -370,7 +375,7 @@ def main(argv=None):
                     log.write(json.dumps(m) + "\n")
                     log.flush()
             if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
-                context = encode(t5_params, t5cfg, grid_ids, grid_mask)
+                context = sample.encode_text(t5_params, t5cfg, grid_ids, grid_mask)
                 images = sample.sample(state["ema"], cfg, context, grid_mask, grid_noise, steps=r.sample_steps,
                                        guidance=r.guidance)
                 if jax.process_index() == 0:

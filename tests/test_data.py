@@ -396,7 +396,7 @@ def test_image_over_the_pixel_limit_is_a_bomb(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["cut in data", "cut at a member", "cut in a header", "not a tar"])
 def test_damaged_shard_keeps_what_it_can_and_counts_the_rest(tmp_path, damage):
-    good = write_tar(tmp_path / "0.tar", good_members("g", 3))
+    write_tar(tmp_path / "0.tar", good_members("g", 3))
     members = good_members("h", 3)
     bad = write_tar(tmp_path / "1.tar", members)
     raw = open(bad, "rb").read()

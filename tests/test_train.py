@@ -133,6 +133,7 @@ def test_bad_t5_folder(tmp_path):
         train.main(SMALL + ["--out", str(tmp_path / "run"), "--t5", str(tmp_path / "t5")])
     with pytest.raises(train.UsageError, match="not a usable T5 folder"):
         train.main(SMALL + ["--out", str(tmp_path / "run2"), "--t5", str(tmp_path / "missing")])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()  # nothing left behind
 
 
 def test_other_config_in_out_dir_and_wrong_init(tmp_path):
@@ -148,3 +149,12 @@ def test_other_config_in_out_dir_and_wrong_init(tmp_path):
     with pytest.raises(train.UsageError, match="--init-from .*(shape|config)"):
         train.main(SMALL + ["--out", other, "--init-from", os.path.join(FIXTURES, "mmjit_tiny"), "--steps", "1"])
     assert not os.path.isdir(os.path.join(other, "checkpoints"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    # Warm-up from 1e-6 makes step 1 harmless; from step 2 on a learning rate of 1e30 blows the weights up.
+    with pytest.raises(SystemExit, match="loss is (nan|inf|-inf) at step 3; stopping") as stopped:
+        train.main(SMALL + ["--out", run, "--steps", "10", "--ckpt-every", "1", "--lr", "1e30", "--warmup", "1"])
+    assert stopped.value.code != 0
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000001", "step_00000002"]
