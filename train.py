@@ -247,7 +247,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(RECIPES)}")
     parser.add_argument("--out", help="run directory (default runs/<preset>)")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="jax.distributed.initialize(): automatic on TPU pods and SLURM, else set "
+                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -312,8 +314,9 @@ def open_log(path, start):
 
 def main(argv=None):
     args, r = parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
+    if args.distributed:  # peers found by themselves on TPU pods and SLURM; elsewhere from the environment
+        env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+        jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
     run = args.out or os.path.join("runs", args.preset.replace("/", ""))
     cfg, (t5cfg, t5_params, tokenizer) = prepare_run(run, r)
 

@@ -136,8 +136,17 @@ def test_init_matches_checkpoint_layout(mmjit):
     fresh = model.init_mmjit(jax.random.key(0), cfg)
     assert jax.tree.structure(fresh) == jax.tree.structure(loaded)
     assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(loaded)))
-    assert float(jnp.abs(fresh["final_layer"]["linear"]["weight"]).max()) == 0  # zero-init output layer
-    assert "double_blocks.1.img_mlp.w2.weight" in model.flatten(fresh)
+    flat = {k: np.asarray(v) for k, v in model.flatten(fresh).items()}
+    assert not flat["final_layer.linear.weight"].any() and not flat["final_layer.linear.bias"].any()
+    assert (flat["double_blocks.1.k_norm.weight"] == 1).all() and (flat["txt_preamble_blocks.0.norm2.weight"] == 1).all()
+    D, F = cfg.hidden_size, cfg.mlp_hidden
+    for key, bound in (("double_blocks.1.img_qkv.weight", D**-0.5), ("double_blocks.1.img_qkv.bias", D**-0.5),
+                       ("double_blocks.0.txt_mlp.w2.weight", (6 / (D + F)) ** 0.5), ("txt_embedder.weight", cfg.txt_dim**-0.5)):
+        # uniform(-bound, bound): the extremes come within 5% of the bound, the std near bound / sqrt(3)
+        v = flat[key]
+        assert 0.95 * bound < np.abs(v).max() <= bound and abs(v.std() * 3**0.5 / bound - 1) < 0.15, key
+    assert 0.01 < flat["mask_token"].std() < 0.03  # N(0, 0.02) over 16 values
+    assert len({float(flat[k].ravel()[0]) for k in ("double_blocks.0.img_qkv.weight", "double_blocks.1.img_qkv.weight")}) == 2
 
 
 def test_safetensors_round_trip(tmp_path):
