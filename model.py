@@ -448,14 +448,19 @@ def save_t5(path, cfg, params):
     write_safetensors(os.path.join(path, "model.safetensors"), flat)
 
 
+def diffusers_folder(path):
+    """(folder, weights stem) of a released model given its `transformer/` folder, that folder's parent, or
+    the safetensors file inside it."""
+    if os.path.isfile(path):
+        return os.path.dirname(path), os.path.basename(path).removesuffix(".safetensors")
+    folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+    return folder, "diffusion_pytorch_model"
+
+
 def load_diffusers_mmjit(path):
     """(MMJiTConfig, params) from a released MiniT2I Diffusers `transformer/` folder (or its parent, or the
     safetensors file inside it). Timestep and pooled embedders of that port feed nothing: dropped."""
-    if os.path.isfile(path):
-        folder, stem = os.path.dirname(path), os.path.basename(path).removesuffix(".safetensors")
-    else:
-        folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
-        stem = "diffusion_pytorch_model"
+    folder, stem = diffusers_folder(path)
     c = _read_config(folder)
     if c.get("txt_hidden_size", c.get("hidden_size")) != c.get("hidden_size"):
         raise ValueError(f"{folder}/config.json: txt_hidden_size {c['txt_hidden_size']} != hidden_size")

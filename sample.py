@@ -130,9 +130,7 @@ def load_denoiser(path, use_ema=True):
         params = model.load_params(os.path.join(ckpt, "ema.safetensors" if use_ema else "params.safetensors"), like)
         return cfg, params, os.path.join(run, config["t5"]), config["text_length"]  # join keeps absolute paths
     cfg, params = model.load_diffusers_mmjit(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)  # the file, the transformer/ or its parent
-    folder = os.path.join(folder, "transformer") if os.path.isdir(os.path.join(folder, "transformer")) else folder
-    config = read_json(os.path.join(folder, "config.json"))
+    config = read_json(os.path.join(model.diffusers_folder(path)[0], "config.json"))
     return cfg, params, None, config.get("prompt_length", RELEASED_TEXT_LENGTH)
 
 

@@ -155,8 +155,7 @@ def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r, tx):
     """The whole step under one jit; the batch is split over the "data" axis, the state donated in place."""
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = {"images": NamedSharding(mesh, P("data")), "ids": NamedSharding(mesh, P("data")),
-                      "mask": NamedSharding(mesh, P("data"))}
+    batch_sharding = {k: NamedSharding(mesh, P("data")) for k in ("images", "ids", "mask")}
     step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r, tx=tx),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
