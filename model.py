@@ -92,25 +92,34 @@ def swiglu(p, x):
     return gated_mlp(x, p["w1"]["weight"], p["w3"]["weight"], p["w2"]["weight"], jax.nn.silu)
 
 
+# Positions are static, so RoPE tables and position embeddings are computed in NumPy at trace time: they enter
+# the compiled program as constants, instead of sines recomputed inside every fused kernel that uses them.
+
+
 def rope_angles_1d(length, dim, theta=10000.0):
-    inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    return jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # [L, dim/2]
+    inv_freq = theta ** (-np.arange(0, dim, 2) / dim)
+    return np.arange(length)[:, None] * inv_freq  # [L, dim/2]
 
 
 def rope_angles_2d(grid, dim, theta=10000.0):
     """Half the rotary frequencies follow the row, half the column, of each row-major image token."""
-    inv_freq = theta ** (-jnp.arange(0, dim // 2, 2, dtype=jnp.float32) / (dim // 2))
-    rows, cols = jnp.divmod(jnp.arange(grid * grid, dtype=jnp.float32), grid)
-    return jnp.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1)  # [N, dim/2]
+    inv_freq = theta ** (-np.arange(0, dim // 2, 2) / (dim // 2))
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    return np.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1)  # [N, dim/2]
 
 
-def apply_rope(x, angles):
-    """Rotate-half RoPE. x: [B, T, H, Dh], angles: [T, Dh/2]."""
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # [T, 1, Dh]
+def rope_tables(angles):
+    """cos and sin, [T, 1, Dh] each, of angles [T, Dh/2] for rotate-half RoPE."""
+    angles = np.concatenate([angles, angles], axis=-1)[:, None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, rope):
+    """Rotate-half RoPE. x: [B, T, H, Dh], rope: rope_tables for T positions."""
+    cos, sin = rope
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- MM-JiT
@@ -129,26 +138,26 @@ def patch_embed(p, cfg, x):
 def sincos_pos_embed(cfg):
     """MAE's fixed 2-D embedding: first D/2 channels encode the column, last D/2 the row."""
     quarter = cfg.hidden_size // 4
-    omega = 10000.0 ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
-    rows, cols = jnp.divmod(jnp.arange(cfg.grid**2, dtype=jnp.float32), cfg.grid)
-    half = lambda pos: jnp.concatenate([jnp.sin(pos[:, None] * omega), jnp.cos(pos[:, None] * omega)], -1)
-    return jnp.concatenate([half(cols), half(rows)], axis=-1)  # [N, D]
+    omega = 10000.0 ** (-np.arange(quarter) / quarter)
+    rows, cols = np.divmod(np.arange(cfg.grid**2), cfg.grid)
+    half = lambda pos: np.concatenate([np.sin(pos[:, None] * omega), np.cos(pos[:, None] * omega)], -1)
+    return np.concatenate([half(cols), half(rows)], axis=-1).astype(np.float32)  # [N, D]
 
 
-def joint_block(p, streams, angles, prefixes, num_heads):
+def joint_block(p, streams, rope, prefixes, num_heads):
     """Pre-norm attention + SwiGLU over streams that attend jointly to their concatenation.
 
     A text preamble block is the one-stream case (prefixes ("",)); a double block the two-stream case
     (("txt_", "img_")): each stream has its own norms, qkv, output projection and SwiGLU, while q_norm and
-    k_norm are shared. streams: list of [B, T_s, D]; angles: RoPE angles for the concatenation.
+    k_norm are shared. streams: list of [B, T_s, D]; rope: rope_tables for the concatenation.
     """
     qs, ks, vs = [], [], []
     for x, s in zip(streams, prefixes):
         B, T, _ = x.shape
         qkv = linear(p[s + "qkv"], rms_norm(p[s + "norm1"]["weight"], x)).reshape(B, T, 3, num_heads, -1)
         qs.append(qkv[:, :, 0]), ks.append(qkv[:, :, 1]), vs.append(qkv[:, :, 2])
-    q = apply_rope(rms_norm(p["q_norm"]["weight"], jnp.concatenate(qs, 1)), angles)  # [B, T, H, Dh]
-    k = apply_rope(rms_norm(p["k_norm"]["weight"], jnp.concatenate(ks, 1)), angles)
+    q = apply_rope(rms_norm(p["q_norm"]["weight"], jnp.concatenate(qs, 1)), rope)  # [B, T, H, Dh]
+    k = apply_rope(rms_norm(p["k_norm"]["weight"], jnp.concatenate(ks, 1)), rope)
     out = jax.nn.dot_product_attention(q, k, jnp.concatenate(vs, 1), scale=q.shape[-1] ** -0.5)
     out = jnp.split(out, np.cumsum([x.shape[1] for x in streams])[:-1], axis=1)
     new = []
@@ -174,18 +183,19 @@ def text_adapter(params, cfg, context, mask, dtype=jnp.float32, remat=False):
     sampler computes it once for all its steps."""
     context = jnp.where(mask[..., None] > 0, context, params["mask_token"])  # padding -> learned token
     txt = linear(params["txt_embedder"], context.astype(dtype))
-    angles = rope_angles_1d(context.shape[1], cfg.head_dim)
+    rope = rope_tables(rope_angles_1d(context.shape[1], cfg.head_dim))
     for p in params["txt_preamble_blocks"]:
-        (txt,) = _blocks(cfg, remat)(p, [txt], angles, ("",))
+        (txt,) = _blocks(cfg, remat)(p, [txt], rope, ("",))
     return txt
 
 
 def denoise(params, cfg, x, txt, dtype=jnp.float32, remat=False):
     """The double blocks: noisy image x [B, H, W, C] and adapted text tokens [B, L, D] -> x0 [B, H, W, C]."""
     img = patch_embed(params["img_embedder"], cfg, x.astype(dtype)) + sincos_pos_embed(cfg).astype(dtype)
-    angles = jnp.concatenate([rope_angles_1d(txt.shape[1], cfg.head_dim), rope_angles_2d(cfg.grid, cfg.head_dim)])
+    rope = rope_tables(np.concatenate([rope_angles_1d(txt.shape[1], cfg.head_dim),
+                                       rope_angles_2d(cfg.grid, cfg.head_dim)]))
     for p in params["double_blocks"]:
-        txt, img = _blocks(cfg, remat)(p, [txt, img], angles, ("txt_", "img_"))
+        txt, img = _blocks(cfg, remat)(p, [txt, img], rope, ("txt_", "img_"))
     f = params["final_layer"]
     out = linear(f["linear"], rms_norm(f["norm_final"]["weight"], img))  # [B, N, P*P*C]
     return unpatchify(cfg, out.astype(jnp.float32))

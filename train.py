@@ -101,18 +101,33 @@ def lr_schedule(r):
     return optax.linear_schedule(1e-6, r.lr, r.warmup)  # linear warm-up, then constant
 
 
-def make_optimizer(r):
-    adam = optax.adam(lr_schedule(r), b1=0.9, b2=0.95)  # the recipe's AdamW has weight decay 0: that is Adam
-    return optax.chain(optax.clip_by_global_norm(r.clip), adam) if r.clip else adam
+def adamw_ema(state, grads, grad_norm, r):
+    """AdamW (betas 0.9, 0.95, eps 1e-8; the recipe's weight decay is 0), optional global-norm clipping, then
+    the EMA. Written as one function of each tensor so that XLA makes it a single pass over memory: optax's
+    chain of transforms took about 4 passes, 2x the time (100 ms of a 2 s CPU step at B width)."""
+    step, b1, b2 = state["step"], 0.9, 0.95
+    lr, count = lr_schedule(r)(step), step + 1.0
+    scale = jnp.minimum(1.0, r.clip / grad_norm) if r.clip else 1.0
+    decay = jnp.minimum(r.ema, (1.0 + step) / (10.0 + step)) if r.ema_warmup else r.ema
+
+    def update(p, ema, mu, nu, g):
+        g = g * scale
+        mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
+        p = p - lr * (mu / (1 - b1**count)) / (jnp.sqrt(nu / (1 - b2**count)) + 1e-8)
+        return p, decay * ema + (1 - decay) * p, mu, nu
+
+    out = jax.tree.map(update, state["params"], state["ema"], state["mu"], state["nu"], grads)
+    params, ema, mu, nu = jax.tree.transpose(jax.tree.structure(grads), jax.tree.structure((0,) * 4), out)
+    return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
 
-def train_step(state, t5_params, batch, *, cfg, t5cfg, r, tx):
+def train_step(state, t5_params, batch, *, cfg, t5cfg, r):
     """One update from a batch of images and token ids: the frozen T5's features, then denoiser_step."""
     context = model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"], jnp.dtype(r.precision))
-    return denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r, tx=tx)
+    return denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
 
 
-def denoiser_step(state, images, context, mask, *, cfg, r, tx):
+def denoiser_step(state, images, context, mask, *, cfg, r):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
     run draws exactly what an uninterrupted one would."""
     params, step, B = state["params"], state["step"], images.shape[0]
@@ -122,12 +137,8 @@ def denoiser_step(state, images, context, mask, *, cfg, r, tx):
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
     loss, grads = jax.value_and_grad(flow_matching_loss)(
         params, cfg, images, context, mask, t, noise, r.a_min, jnp.dtype(r.precision), r.remat)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    params = optax.apply_updates(params, updates)
-    decay = jnp.minimum(r.ema, (1.0 + step) / (10.0 + step)) if r.ema_warmup else r.ema
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
-    new = {"params": params, "ema": ema, "opt_state": opt_state, "step": step + 1}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(r)(step)}
+    grad_norm = optax.tree.norm(grads)
+    return adamw_ema(state, grads, grad_norm, r), {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step)}
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -151,23 +162,27 @@ def make_mesh(devices):
     return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r, tx):
+def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
     """The whole step under one jit; the batch is split over the "data" axis, the state donated in place."""
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
     batch_sharding = {k: NamedSharding(mesh, P("data")) for k in ("images", "ids", "mask")}
-    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r, tx=tx),
+    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding
 
 
-def init_state(key, cfg, tx):
+def init_state(key, cfg):
     params = model.init_mmjit(key, cfg)
-    return {"params": params, "ema": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.zeros((), jnp.int32)}
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+
+
+ARRAYS = ("params", "ema", "mu", "nu")  # the state's trees, one safetensors file each (the step goes in state.json)
 
 
 def save_checkpoint(run, state, data_state, keep):
@@ -176,7 +191,7 @@ def save_checkpoint(run, state, data_state, keep):
     step = int(state["step"])
     folder = os.path.join(run, "checkpoints")
     tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
-    host = multihost_utils.process_allgather({k: state[k] for k in ("params", "ema", "opt_state")}, tiled=True)
+    host = multihost_utils.process_allgather({k: state[k] for k in ARRAYS}, tiled=True)
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -200,7 +215,7 @@ def restore_checkpoint(path, state_shapes, shardings):
     with open(os.path.join(path, "state.json")) as f:
         step = json.load(f)["step"]
     state = {k: model.load_params(os.path.join(path, f"{k}.safetensors"), state_shapes[k])
-             for k in ("params", "ema", "opt_state")}
+             for k in ARRAYS}
     state["step"] = jnp.asarray(step, jnp.int32)
     data_file = os.path.join(path, f"data_{jax.process_index()}.json")
     with open(data_file) as f:
@@ -320,9 +335,8 @@ def main(argv=None):
     cfg, (t5cfg, t5_params, tokenizer) = prepare_run(run, r)
 
     mesh = make_mesh(jax.devices())
-    tx = make_optimizer(r)
-    state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg, tx=tx), jax.random.key(0))
-    step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r, tx)
+    state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
+    step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r)
     t5_params = jax.device_put(t5_params, NamedSharding(mesh, P()))
 
     try:
@@ -335,7 +349,7 @@ def main(argv=None):
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot resume from {ckpt}: {e}") from None
     else:
-        state = jax.jit(functools.partial(init_state, cfg=cfg, tx=tx), out_shardings=shardings)(jax.random.key(r.seed))
+        state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(jax.random.key(r.seed))
         if r.init_from:
             try:
                 params = load_init_weights(r.init_from, cfg)

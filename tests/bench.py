@@ -5,7 +5,7 @@
 
 Model FLOPs are counted analytically (flops_per_image); a train step is 3x the forward (backward = 2x),
 attention included, the frozen T5 not (the step is timed from T5 features, as in the PyTorch port's figure).
-MFU is achieved FLOP/s over the peak of a large matmul of the same dtype timed in the same run.
+MFU is achieved FLOP/s over the peak of large matmuls of the same dtype, timed right after each measurement.
 """
 import argparse
 import dataclasses
@@ -50,27 +50,47 @@ def flops_per_image(cfg, text_length):
     return sum(flops(cfg, text_length))
 
 
-def timed(fn, repeats, inner):
-    """Median seconds of one call over `repeats` timings of `inner` calls each, after one warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / inner)
-    return float(np.median(times))
+def seconds(fn, inner):
+    start = time.perf_counter()
+    for _ in range(inner):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / inner
 
 
-def matmul_peak(dtype, sizes, repeats):
-    """The best FLOP/s of square matmuls of these sizes (the library's speed varies with the size)."""
-    f, best = jax.jit(jnp.matmul), 0.0
+_matmul = jax.jit(jnp.matmul)
+
+
+def matmul_flops(dtype, sizes):
+    """FLOP/s of the fastest of these square matmuls (the library's speed varies with the size)."""
+    best = 0.0
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-        best = max(best, 2 * n**3 / timed(lambda: f(a, b), repeats, 3))
+        jax.block_until_ready(_matmul(a, b))
+        best = max(best, 2 * n**3 / seconds(lambda: _matmul(a, b), 2))
     return best
+
+
+COMPILES = []  # one entry per XLA compilation, from jax's compile-time monitoring events
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **_: COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def timed(fn, flops, args, inner=1):
+    """Seconds per call, MFU and peak, medians over args.repeats timings of `inner` calls after a warm-up
+    call, and the number of compilations inside the timings (0 unless something retraces). Each timing is
+    paired with a peak measured right after it: a shared machine's speed drifts by 10-20% over minutes, and
+    a pair sees the same machine."""
+    jax.block_until_ready(fn())
+    times, mfus, peaks, compiles = [], [], [], 0
+    for _ in range(args.repeats):
+        before = len(COMPILES)
+        times.append(seconds(fn, inner))
+        compiles += len(COMPILES) - before
+        peaks.append(matmul_flops(jnp.dtype(args.precision), args.peak_sizes))
+        mfus.append(flops / times[-1] / peaks[-1])
+    return float(np.median(times)), float(np.median(mfus)), float(np.median(peaks)), compiles
 
 
 def peak_memory_bytes():
@@ -84,14 +104,13 @@ def report(**fields):
     print(json.dumps(fields), flush=True)
 
 
-def bench_train(cfg, args, peak):
+def bench_train(cfg, args):
     r = train.Recipe(batch_size=args.batch_size, precision=args.precision, remat=args.remat, fsdp=args.fsdp)
-    tx = train.make_optimizer(r)
-    init = functools.partial(train.init_state, cfg=cfg, tx=tx)
+    init = functools.partial(train.init_state, cfg=cfg)
     mesh = train.make_mesh(jax.devices())
     shardings = train.state_shardings(mesh, jax.eval_shape(init, jax.random.key(0)), r.fsdp)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    step = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r, tx=tx), donate_argnums=0)
+    step = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r), donate_argnums=0)
     B, L = args.batch_size, args.text_length
     images = jax.random.uniform(jax.random.key(1), (B, cfg.image_size, cfg.image_size, 3), minval=-1, maxval=1)
     context = jax.random.normal(jax.random.key(2), (B, L, cfg.txt_dim))
@@ -103,27 +122,27 @@ def bench_train(cfg, args, peak):
             state, metrics = step(state, images, context, mask)
         return metrics["loss"]
 
-    seconds = timed(run, args.repeats, args.inner)
     flops = 3 * flops_per_image(cfg, L) * B
+    step_s, mfu, peak, compiles = timed(run, flops, args, args.inner)
     mem, source = peak_memory_bytes()
-    report(measure="train_step", images_per_s=B / seconds, seconds=seconds, flops_per_image=3 * flops_per_image(cfg, L),
-           tflops=flops / seconds / 1e12, mfu=flops / seconds / peak, peak_memory_gib=mem / 2**30,
-           memory_source=source, compiles=step._cache_size())
+    report(measure="train_step", images_per_s=B / step_s, seconds=step_s, flops_per_image=3 * flops_per_image(cfg, L),
+           tflops=flops / step_s / 1e12, mfu=mfu, peak_tflops=peak / 1e12, peak_memory_gib=mem / 2**30,
+           memory_source=source, compiles_after_warmup=compiles)
     return state["ema"]
 
 
-def bench_sample(cfg, params, args, peak):
+def bench_sample(cfg, params, args):
     B, L, steps = args.batch_size, args.text_length, args.sample_steps
     context = jax.random.normal(jax.random.key(3), (B, L, cfg.txt_dim))
     mask = jnp.ones((B, L), jnp.int32)
     noise = sample.initial_noise(range(B), cfg)
     dtype = jnp.dtype(args.precision)
     run = lambda: sample.sample(params, cfg, context, mask, noise, steps=steps, guidance=4.0, dtype=dtype)
-    seconds = timed(run, args.repeats, 1)
     adapter, denoiser = flops(cfg, L)
     flops_total = 2 * B * (adapter + steps * denoiser)  # two branches; the text adapter once, not every step
-    report(measure="sampling", steps=steps, seconds_per_image=seconds / B, tflops=flops_total / seconds / 1e12,
-           mfu=flops_total / seconds / peak)
+    call_s, mfu, peak, compiles = timed(run, flops_total, args)
+    report(measure="sampling", steps=steps, seconds_per_image=call_s / B, tflops=flops_total / call_s / 1e12,
+           mfu=mfu, peak_tflops=peak / 1e12, compiles_after_warmup=compiles)
 
 
 def bench_data(cfg, args):
@@ -170,16 +189,15 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     args = parser.parse_args()
     cfg = dataclasses.replace(model.PRESETS[args.preset], depth=args.depth, image_size=args.image_size)
-    peak = matmul_peak(jnp.dtype(args.precision), args.peak_sizes, args.repeats)
-    report(measure="matmul_peak", dtype=args.precision, sizes=args.peak_sizes, tflops=peak / 1e12,
-           device=str(jax.devices()[0].device_kind), devices=jax.device_count(), config=dataclasses.asdict(cfg),
-           batch_size=args.batch_size, text_length=args.text_length)
+    report(measure="setup", dtype=args.precision, peak_sizes=args.peak_sizes, device=str(jax.devices()[0].device_kind),
+           devices=jax.device_count(), config=dataclasses.asdict(cfg), batch_size=args.batch_size,
+           text_length=args.text_length)
     params = None
     if "train" not in args.skip:
-        params = bench_train(cfg, args, peak)
+        params = bench_train(cfg, args)
     if "sample" not in args.skip:
         params = params if params is not None else model.init_mmjit(jax.random.key(0), cfg)
-        bench_sample(cfg, params, args, peak)
+        bench_sample(cfg, params, args)
     if "data" not in args.skip:
         bench_data(cfg, args)
 

@@ -1,6 +1,9 @@
+import contextlib
 import os
 import sys
 import tempfile
+
+import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -14,3 +17,19 @@ SMALL_RUN = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "minit2i-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@contextlib.contextmanager
+def compiles():
+    """The names of the functions XLA compiles inside the block, from the events behind jax's compile log."""
+    names = []
+
+    def listener(event, seconds, fun_name="?", **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
