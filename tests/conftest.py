@@ -3,8 +3,6 @@ import os
 import sys
 import tempfile
 
-import jax
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
@@ -17,6 +15,7 @@ SMALL_RUN = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "minit2i-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+import jax  # noqa: E402  (after the environment it reads at import)
 
 
 @contextlib.contextmanager
