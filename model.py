@@ -93,7 +93,8 @@ def swiglu(p, x):
 
 
 # Positions are static, so RoPE tables and position embeddings are computed in NumPy at trace time: they enter
-# the compiled program as constants, instead of sines recomputed inside every fused kernel that uses them.
+# the compiled program as constants, instead of sines recomputed inside every fused kernel that uses them
+# (that cost 5% of a CPU training step at B width).
 
 
 def rope_angles_1d(length, dim, theta=10000.0):

@@ -103,8 +103,8 @@ def lr_schedule(r):
 
 def adamw_ema(state, grads, grad_norm, r):
     """AdamW (betas 0.9, 0.95, eps 1e-8; the recipe's weight decay is 0), optional global-norm clipping, then
-    the EMA. Written as one function of each tensor so that XLA makes it a single pass over memory: optax's
-    chain of transforms took about 4 passes, 2x the time (100 ms of a 2 s CPU step at B width)."""
+    the EMA. Written as one elementwise function of each tensor, which XLA fuses into a few loops: half the
+    time of optax's chain of transforms (110 against 215 ms a step for the 72M-parameter CPU benchmark)."""
     step, b1, b2 = state["step"], 0.9, 0.95
     lr, count = lr_schedule(r)(step), step + 1.0
     scale = jnp.minimum(1.0, r.clip / grad_norm) if r.clip else 1.0
