@@ -29,6 +29,7 @@ import data  # noqa: E402
 import model  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+from conftest import compiles as compiled_names  # noqa: E402
 
 
 def flops(cfg, text_length):
@@ -72,11 +73,6 @@ def matmul_flops(dtype, sizes):
     return best
 
 
-COMPILES = []  # one entry per XLA compilation, from jax's compile-time monitoring events
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, secs, **_: COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
-
-
 def timed(fn, flops, args, inner=1):
     """Seconds per call, MFU and peak, medians over args.repeats timings of `inner` calls after a warm-up
     call, and the number of compilations inside the timings (0 unless something retraces). Each timing is
@@ -85,9 +81,9 @@ def timed(fn, flops, args, inner=1):
     jax.block_until_ready(fn())
     times, mfus, peaks, compiles = [], [], [], 0
     for _ in range(args.repeats):
-        before = len(COMPILES)
-        times.append(seconds(fn, inner))
-        compiles += len(COMPILES) - before
+        with compiled_names() as compiled:
+            times.append(seconds(fn, inner))
+        compiles += len(compiled)
         peaks.append(matmul_flops(jnp.dtype(args.precision), args.peak_sizes))
         mfus.append(flops / times[-1] / peaks[-1])
     return float(np.median(times)), float(np.median(mfus)), float(np.median(peaks)), compiles
