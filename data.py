@@ -7,8 +7,8 @@ worker threads only read and decode, and their results are used in submission or
 on thread timing or worker count, and a small position (batches returned; per source, epoch and samples
 consumed) resumes exactly: the resumed loader rebuilds the current epoch's order and drops what was consumed
 (for tar shards that re-reads the headers, not the images, of shards used this epoch; exact if the files are
-unchanged). Bad input is skipped, counted by reason and the first few named in a warning; a missing path or
-a source without a usable sample is a ValueError at start-up.
+unchanged). Bad input is skipped, counted once by reason (in the first pass over a source) and the first
+few named on stderr; a missing path or a source without a usable sample is a ValueError at start-up.
 """
 
 import collections
@@ -22,9 +22,9 @@ import math
 import os
 import queue
 import re
+import sys
 import tarfile
 import threading
-import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -36,7 +36,8 @@ SHUFFLE_BUFFER = 1000
 PREFETCH_BATCHES = 2
 NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
 STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
-_SYNTH, _EPOCH, _MIX = 0, 1, 2  # separate random streams under one seed
+CAPTION_SAMPLE = 50_000  # captions read per source at start-up (all of a smaller source)
+_SYNTH, _EPOCH, _MIX, _CAPTIONS = 0, 1, 2, 3  # separate random streams under one seed
 
 
 class BadSample(Exception):
@@ -50,8 +51,9 @@ class BadSample(Exception):
 # ----------------------------------------------------------------------------- images and captions
 
 def load_image(src, image_size):
-    """Bytes or a path -> float32 [image_size, image_size, 3] in [-1, 1]: decode, apply the EXIF orientation,
-    convert to RGB, resize the shorter side to image_size (antialiased) and center-crop. Raises BadSample."""
+    """Bytes or a path -> (float32 [image_size, image_size, 3] in [-1, 1], whether it was upscaled): decode, apply
+    the EXIF orientation, convert to RGB, resize the shorter side to image_size (antialiased) and center-crop.
+    Raises BadSample."""
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
@@ -68,7 +70,7 @@ def load_image(src, image_size):
             s = min(w, h)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # resize and crop in one resampling pass
             im = im.resize((image_size, image_size), Image.BICUBIC, box=box)
-            return np.asarray(im, np.float32) / 127.5 - 1.0
+            return np.asarray(im, np.float32) / 127.5 - 1.0, s < image_size
     except BadSample:
         raise
     except Image.DecompressionBombError as e:
@@ -87,6 +89,12 @@ def to_rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def caption_field(meta):
+    """The caption of a .json caption file or a manifest line: its "caption" or else its "text" string."""
+    text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+    return text if isinstance(text, str) else None
+
+
 def parse_caption(raw, ext):
     """Caption bytes (or text) -> stripped text; a .json caption holds it in its "caption" or "text" field."""
     try:
@@ -98,8 +106,8 @@ def parse_caption(raw, ext):
             meta = json.loads(text)
         except ValueError as e:
             raise BadSample("unreadable caption", str(e)) from None
-        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-        if not isinstance(text, str):
+        text = caption_field(meta)
+        if text is None:
             raise BadSample("missing caption", 'json without a "caption" or "text" string')
     if not text.strip():
         raise BadSample("empty caption")
@@ -169,6 +177,14 @@ def render_scene(scene, image_size):
     return np.asarray(im.reduce(4), np.float32) / 127.5 - 1.0
 
 
+def synthetic_captions():
+    """Every caption the synthetic source can produce (414 of them), sorted."""
+    layouts = [(1, p) for p in POSITIONS] + [(2, "center")]
+    return sorted({describe(Scene(shape, colour, background, count, position)) for shape in SHAPES
+                   for colour in COLOURS for background in BACKGROUNDS if background != colour
+                   for count, position in layouts})
+
+
 # Captions the generator produces, spread over its vocabulary; train.py samples them to show progress.
 SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
     ("circle", "red", "white"), ("square", "blue", "white", 1, "left"), ("triangle", "yellow", "black", 1, "top"),
@@ -198,24 +214,30 @@ def read_part(part):
         return f.read(size)
 
 
-def load_sample(sample, image_size):
-    """Sample -> (image, caption), reading its files; raises BadSample. Runs on the worker threads."""
+def read_caption(sample):
+    """Sample -> its caption text, reading nothing of the image; raises BadSample."""
     if sample.error:
         raise BadSample(*sample.error)
-    if sample.image is None:
-        raise BadSample("missing image")
     if sample.caption is None:
         raise BadSample("missing caption")
     try:
         raw = sample.caption if isinstance(sample.caption, str) else read_part(sample.caption)
     except OSError as e:
         raise BadSample("missing caption", str(e)) from None
-    caption = parse_caption(raw, sample.caption_ext)
+    return parse_caption(raw, sample.caption_ext)
+
+
+def load_sample(sample, image_size):
+    """Sample -> (image, caption, upscaled), reading its files; raises BadSample. Runs on the worker threads."""
+    if sample.image is None and not sample.error:
+        raise BadSample("missing image")
+    caption = read_caption(sample)
     try:
         data = read_part(sample.image)
     except OSError as e:
         raise BadSample("unreadable image", str(e)) from None
-    return load_image(data, image_size), caption
+    image, upscaled = load_image(data, image_size)
+    return image, caption, upscaled
 
 
 def index_tar(path):
@@ -253,16 +275,18 @@ def index_tar(path):
 
 
 def scan_folder(root):
-    """Every image under root (recursively, in sorted order) with the same-named .txt beside it as caption."""
+    """Every image under root (recursively, in sorted order) with its caption: the same-named .txt, .caption or
+    .json beside it (the first found, in that order, as in tar shards)."""
     samples = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for f in sorted(files):
             stem, ext = os.path.splitext(f)
             if ext[1:].lower() in IMAGE_EXTS:
-                caption = os.path.join(folder, stem + ".txt") if stem + ".txt" in files else None
+                ext = next((e for e in CAPTION_EXTS if f"{stem}.{e}" in files), None)
+                caption = ext and (os.path.join(folder, f"{stem}.{ext}"), None, None)
                 path = os.path.join(folder, f)
-                samples.append(Sample(path, (path, None, None), caption and (caption, None, None)))
+                samples.append(Sample(path, (path, None, None), caption, ext or "txt"))
     return samples
 
 
@@ -279,8 +303,7 @@ def read_manifest(path):
             except (ValueError, KeyError, TypeError) as e:
                 samples.append(Sample(f"{path}:{n}", error=("bad manifest line", f"{type(e).__name__}: {e}")))
                 continue
-            caption = row.get("caption")
-            samples.append(Sample(f"{path}:{n}", (image, None, None), caption if isinstance(caption, str) else None))
+            samples.append(Sample(f"{path}:{n}", (image, None, None), caption_field(row)))
     return samples
 
 
@@ -326,7 +349,7 @@ class Synthetic:
 
     def load(self, index):
         scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
-        return render_scene(scene, self.image_size), describe(scene)
+        return render_scene(scene, self.image_size), describe(scene), False
 
 
 class Files:
@@ -425,6 +448,32 @@ def check_usable(source):
                      f"(first: {problems[0]})")
 
 
+def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
+    """The captions of every --data source, reading no image: all of a source's, or for one of more than
+    `limit` samples those of a random subset of its shards (or samples). Returns (captions, complete)."""
+    captions, complete = [], True
+    for number, (path, _) in enumerate(parse_sources(specs or ["synthetic"])):
+        source = open_source(path, number, seed, image_size=0)
+        if isinstance(source, Synthetic):
+            captions += synthetic_captions()
+            continue
+        found, units = [], np.random.default_rng([seed, _CAPTIONS, number]).permutation(len(source.units))
+        for n, u in enumerate(units, 1):
+            for sample in source.expand(source.units[u]):
+                try:
+                    found.append(read_caption(sample))
+                except BadSample:
+                    pass  # counted when the loader meets it
+            if len(found) >= limit:
+                complete = complete and n == len(units)
+                break
+        if not found:
+            raise ValueError(f"--data {path}: not one readable caption (expected .txt, .caption or .json captions "
+                             "beside the images, or \"caption\" fields)")
+        captions += found
+    return captions, complete
+
+
 # ----------------------------------------------------------------------------- the loader
 
 class _Stream:
@@ -450,7 +499,9 @@ class _Stream:
 class Loader:
     """Iterator of batches {"images": float32 [B, S, S, 3] in [-1, 1], "ids", "mask": int32 [B, L],
     "captions": list of B str} mixed from weighted sources. state() is this process's position after the last
-    batch returned; pass it back as `state` to continue with unseen data. Close it (or use `with`)."""
+    batch returned; pass it back as `state` to continue with unseen data. Close it (or use `with`).
+    The tokenizer needs encode(texts, max_length) -> (ids, mask) and lengths(texts) -> untruncated token counts.
+    Skipped samples, upscaled images and cut captions are counted once each, in a source's first pass."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0, process_index=0,
                  process_count=1, num_workers=None, state=None):
@@ -461,14 +512,14 @@ class Loader:
             check_usable(source)
         weights = np.array([w for _, w in specs])
         self.weights = weights / weights.sum()
-        state = state or {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {}}
+        state = state or {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {},
+                          "upscaled": 0, "cut": 0}
         if len(state["sources"]) != len(specs):
             raise ValueError(f"data state has {len(state['sources'])} sources but --data gives {len(specs)}")
         self.batch_size, self.tokenizer, self.max_length = batch_size, tokenizer, max_length
-        self.seed = seed
+        self.seed, self.image_size = seed, image_size
         self._state = json.loads(json.dumps(state))
         self.skip_reasons = collections.Counter(self._state["skipped"])
-        self._named_skips = 0
         num_workers = num_workers or min(8, os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="data")
         self._streams = [_Stream(source, position, self._pool, depth=2 * num_workers + 2)
@@ -484,6 +535,14 @@ class Loader:
 
     def state(self):
         return json.loads(json.dumps(self._state))
+
+    def summary(self):
+        """One line: samples used, and what was skipped, upscaled or cut (each counted once)."""
+        st = self._state
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skip_reasons.items()))
+        return (f"data: {st['batches'] * self.batch_size} samples used; {self.skipped} skipped"
+                f"{f' ({reasons})' if reasons else ''}; {st['upscaled']} images upscaled to {self.image_size} px; "
+                f"{st['cut']} captions cut at {self.max_length} tokens")
 
     def __iter__(self):
         return self
@@ -513,41 +572,45 @@ class Loader:
     def _produce(self, batches):
         """Producer thread: assemble batch after batch into the bounded queue; an error goes there too."""
         skipped = collections.Counter(self._state["skipped"])
+        upscaled, cut = self._state.get("upscaled", 0), self._state.get("cut", 0)
         try:
             while not self._stop.is_set():
                 # The same draws on every process, so synthetic positions agree across processes.
                 rng = np.random.default_rng([self.seed, _MIX, batches])
                 picks = rng.choice(len(self._streams), size=self.batch_size, p=self.weights)
-                images, captions = [], []
-                for i in picks:
-                    image, caption = self._next_usable(self._streams[i], skipped)
-                    images.append(image)
-                    captions.append(caption)
+                samples = [self._next_usable(self._streams[i], skipped) for i in picks]
+                images, captions, scaled, first = zip(*samples)
                 ids, mask = self.tokenizer.encode(captions, self.max_length)
+                long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
+                upscaled, cut = upscaled + sum(scaled), cut + int((long & np.array(first)).sum())
                 batches += 1
                 batch = {"images": np.stack(images), "ids": np.asarray(ids, np.int32),
-                         "mask": np.asarray(mask, np.int32), "captions": captions}
-                state = {"batches": batches, "sources": [s.position for s in self._streams], "skipped": dict(skipped)}
+                         "mask": np.asarray(mask, np.int32), "captions": list(captions)}
+                state = {"batches": batches, "sources": [s.position for s in self._streams], "skipped": dict(skipped),
+                         "upscaled": upscaled, "cut": cut}
                 self._put((batch, state))
         except Exception as e:
             self._put(e)
 
     def _next_usable(self, stream, skipped):
+        """(image, caption, upscaled and first pass, first pass) of the stream's next usable sample."""
         while True:
             ref, future = stream.next()
+            first = stream.position["epoch"] == 0
             try:
-                result = future.result()
+                image, caption, upscaled = future.result()
             except BadSample as e:
-                skipped[e.reason] += 1
-                self._named_skips += 1
-                if self._named_skips <= NAMED_SKIPS:
-                    more = "; further skipped samples are only counted" if self._named_skips == NAMED_SKIPS else ""
-                    warnings.warn(f"data: skipped {ref.name} ({e}){more}", stacklevel=2)
+                if first:  # a later pass meets the same bad files again: counted and named once
+                    skipped[e.reason] += 1
+                    n = sum(skipped.values())
+                    if n <= NAMED_SKIPS:
+                        more = "; further skipped samples are only counted" if n == NAMED_SKIPS else ""
+                        print(f"data: skipped {ref.name} ({e}){more}", file=sys.stderr)
                 if stream.position["epoch"] > stream.good_epoch + 1:
                     raise ValueError(f"--data {stream.source.name}: a whole epoch without a usable sample") from None
                 continue
             stream.good_epoch = stream.position["epoch"]
-            return result
+            return image, caption, upscaled and first, first
 
     def _put(self, item):
         while not self._stop.is_set():

@@ -335,6 +335,19 @@ class Tokenizer:
             row[: len(seq)] = seq
         return ids, (ids != 0).astype(np.int32)
 
+    def lengths(self, texts):
+        """Tokens of each text with its </s>, before truncation."""
+        return np.array([len(pieces) + 1 for pieces in self.sp.encode(list(texts))], np.int64)
+
+    def coverage(self, texts, max_length):
+        """How well this tokenizer reads `texts`: their number, the share of pieces that are <unk> (words the
+        model cannot tell apart), the share of texts cut at max_length tokens, the median tokens per text."""
+        pieces = self.sp.encode(list(texts))
+        lengths = np.array([len(p) + 1 for p in pieces])
+        unknown = sum(p.count(self.sp.unk_id()) for p in pieces)
+        return {"captions": len(pieces), "unknown": unknown / max(1, int(lengths.sum()) - len(pieces)),
+                "cut": float(np.mean(lengths > max_length)), "median_tokens": float(np.median(lengths))}
+
 
 # ------------------------------------------------------------------------------------------------ weights
 

@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import textwrap
 
 import jax
@@ -22,8 +23,9 @@ from tqdm import tqdm
 
 import model
 
-NOISE_SCALE = 2.0  # x at t=0 is 2 N(0, I), as in training
-RELEASED_TEXT_LENGTH = 256  # the released models' prompt_length, when their config does not say
+# A released model's settings where its config does not say: the paper's noise scale, prompt length and a
+# guidance scale for its fine-tuned weights. A train.py run's come from its config.json.
+RELEASED = {"noise_scale": 2.0, "text_length": 256, "guidance": 5.0}
 
 # ------------------------------------------------------------------------------------------------ sampler
 
@@ -84,10 +86,11 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
 encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, T5Config, ids, mask) -> [B, L, Dt]
 
 
-def initial_noise(seeds, cfg):
-    """x at t=0 for each image from its own seed, so an image never depends on the batch it is in."""
+def initial_noise(keys, cfg, noise_scale):
+    """x at t=0, noise_scale N(0, I) (the run's recipe value), for each image from its own random key, so that
+    an image never depends on the batch it is in."""
     shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
-    return jnp.stack([NOISE_SCALE * jax.random.normal(jax.random.key(s), shape) for s in seeds])
+    return jnp.stack([noise_scale * jax.random.normal(k, shape) for k in keys])
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -115,23 +118,28 @@ def latest_checkpoint(run):
 
 
 def load_denoiser(path, use_ema=True):
-    """(cfg, params, T5 folder, text length) from a train.py run (its latest checkpoint), one of its
-    checkpoints, or a released Diffusers folder or file, whose T5 folder is not part of it (None)."""
+    """(cfg, params, settings) from a train.py run (its latest checkpoint), one of its checkpoints (copied out of
+    its run too: each holds the run's config.json), or a released Diffusers folder or file. settings: the
+    T5 folder (None where it is not there: a released model, a checkpoint away from its run), the text length,
+    noise scale and guidance the model was trained (or released) for."""
     is_checkpoint = os.path.isfile(os.path.join(path, "state.json"))
-    if is_checkpoint or is_run(path):
-        ckpt = path if is_checkpoint else latest_checkpoint(path)
-        run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))  # RUN/checkpoints/step_XXXXXXXX
-        config = read_json(os.path.join(run, "config.json"))
-        try:
-            cfg = model.MMJiTConfig(**config["model"])
-        except TypeError as e:
-            raise ValueError(f"{run}/config.json: not a model config ({e})") from None
-        like = jax.eval_shape(functools.partial(model.init_mmjit, cfg=cfg), jax.random.key(0))
-        params = model.load_params(os.path.join(ckpt, "ema.safetensors" if use_ema else "params.safetensors"), like)
-        return cfg, params, os.path.join(run, config["t5"]), config["text_length"]  # join keeps absolute paths
-    cfg, params = model.load_diffusers_mmjit(path)
-    config = read_json(os.path.join(model.diffusers_folder(path)[0], "config.json"))
-    return cfg, params, None, config.get("prompt_length", RELEASED_TEXT_LENGTH)
+    if not (is_checkpoint or is_run(path)):
+        cfg, params = model.load_diffusers_mmjit(path)
+        config = read_json(os.path.join(model.diffusers_folder(path)[0], "config.json"))
+        return cfg, params, RELEASED | {"t5": None, "text_length": config.get("prompt_length", RELEASED["text_length"])}
+    ckpt = path if is_checkpoint else latest_checkpoint(path)
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))  # RUN/checkpoints/step_XXXXXXXX
+    config = read_json(os.path.join(ckpt if os.path.isfile(os.path.join(ckpt, "config.json")) else run, "config.json"))
+    try:
+        cfg = model.MMJiTConfig(**config["model"])
+    except TypeError as e:
+        raise ValueError(f"{ckpt}/config.json: not a model config ({e})") from None
+    like = jax.eval_shape(functools.partial(model.init_mmjit, cfg=cfg), jax.random.key(0))
+    params = model.load_params(os.path.join(ckpt, "ema.safetensors" if use_ema else "params.safetensors"), like)
+    t5 = os.path.join(run, config["t5"])  # join keeps an absolute path
+    recipe = config["recipe"]
+    return cfg, params, {"t5": t5 if os.path.isdir(t5) else None, "text_length": config["text_length"],
+                         "noise_scale": recipe.get("noise_scale", RELEASED["noise_scale"]), "guidance": recipe["guidance"]}
 
 
 def load_text_encoder(path, cfg):
@@ -191,17 +199,18 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a train.py run or checkpoint, or a released Diffusers folder")
     parser.add_argument("--no-ema", action="store_true", help="a run's raw weights instead of the EMA ones")
-    parser.add_argument("--t5", help="FLAN-T5 folder with spiece.model (overrides the run's T5)")
-    parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    parser.add_argument("--t5", help="FLAN-T5 folder with spiece.model (default: the run's own T5)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     parser.add_argument("--prompts-file", help="one prompt per line (blank lines skipped)")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt")
-    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 = none)")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the "
+                                                        f"run's recipe, 3 for tiny; {RELEASED['guidance']} for released weights)")
+    parser.add_argument("--steps", type=int, default=100, help="sampler steps (default 100)")
+    parser.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE solver (default euler)")
     parser.add_argument("--seed", type=int, default=0,
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
-                             "--n 1 --seed S reproduces it alone")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch (x2 for guidance)")
+                             "--n 1 --seed S reproduces it alone (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch, x2 for guidance (default 8)")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
     args = parser.parse_args(argv)
@@ -219,19 +228,28 @@ def main(argv=None):
     for flag, value in (("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size)):
         if value < 1:
             fail(f"{flag} must be at least 1, got {value}")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         fail(f"--guidance must be >= 0, got {args.guidance}")
     if not os.path.exists(args.ckpt):
         fail(f"--ckpt {args.ckpt}: no such file or directory")
     try:
-        cfg, params, t5_path, text_length = load_denoiser(args.ckpt, use_ema=not args.no_ema)
-        if not (args.t5 or t5_path):
-            fail(f"--ckpt {args.ckpt} is a released model: give --t5 DIR (the FLAN-T5 folder with spiece.model)")
-        t5cfg, t5params, tokenizer = load_text_encoder(args.t5 or t5_path, cfg)
+        cfg, params, settings = load_denoiser(args.ckpt, use_ema=not args.no_ema)
+        if not (args.t5 or settings["t5"]):
+            fail(f"--ckpt {args.ckpt} comes without its text encoder (a released model, or a checkpoint away from "
+                 "its run): give --t5 DIR (the T5 folder with spiece.model)")
+        t5cfg, t5params, tokenizer = load_text_encoder(args.t5 or settings["t5"], cfg)
     except KeyError as e:
         fail(f"--ckpt {args.ckpt}: missing key {e} in its config")
     except (OSError, ValueError) as e:
         fail(" ".join(str(e).split()))  # one line, whatever the message
+    text_length, guidance = settings["text_length"], settings["guidance"] if args.guidance is None else args.guidance
+    for i, prompt in enumerate(prompts):  # a prompt the model cannot read in full is said, not silently changed
+        c, quoted = tokenizer.coverage([prompt], text_length), repr(prompt if len(prompt) < 60 else prompt[:57] + "...")
+        if c["unknown"]:
+            print(f"sample.py: warning: prompt {i + 1} {quoted} has words the tokenizer reads as <unk>", file=sys.stderr)
+        if c["cut"]:
+            print(f"sample.py: warning: prompt {i + 1} {quoted} is {c['median_tokens']:.0f} tokens, cut to the "
+                  f"model's {text_length}", file=sys.stderr)
     out = args.out or (None if args.out_dir else "grid.png")
     for folder in (args.out_dir, out and os.path.dirname(out)):
         if folder:  # made now, not found missing after the whole job
@@ -245,19 +263,22 @@ def main(argv=None):
     for start in tqdm(range(0, len(items), batch), desc=f"{args.sampler}, {args.steps} steps a batch", unit="batch"):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)), text_length)
-        noise = initial_noise(range(args.seed + start, args.seed + start + batch), cfg)
+        keys = [jax.random.key(s) for s in range(args.seed + start, args.seed + start + batch)]
+        noise = initial_noise(keys, cfg, settings["noise_scale"])
         images = sample(params, cfg, encode_text(t5params, t5cfg, ids, mask), mask, noise, steps=args.steps,
-                        guidance=args.guidance, sampler=args.sampler)
+                        guidance=guidance, sampler=args.sampler)
         images = np.asarray(images)[:len(chunk)]
         if args.out_dir:
             for k, ((i, j), image) in enumerate(zip(chunk, images)):
                 save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image,
                          {"prompt": prompts[i], "seed": args.seed + start + k, "steps": args.steps,
-                          "guidance": args.guidance, "sampler": args.sampler})
+                          "guidance": guidance, "sampler": args.sampler})
         if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing
             grid.append(images)
     if out:  # one row per prompt, the prompt under each of its images (one image each: a square grid)
         make_grid(np.concatenate(grid), [prompts[i] for i, _ in items], cols=args.n if args.n > 1 else None).save(out)
+    print(f"sample.py: wrote {', '.join(filter(None, [out, args.out_dir and f'{len(items)} images in {args.out_dir}']))}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

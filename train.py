@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -31,38 +32,49 @@ import sample
 # ----------------------------------------------------------------------------------------------- recipes
 
 
+def field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    model: str = "tiny"  # a key of model.PRESETS
-    image_size: int = 32
-    batch_size: int = 32  # global, over all devices and hosts
-    steps: int = 720
-    lr: float = 1e-3
-    warmup: int = 100  # linear warm-up from 1e-6, then constant
-    ema: float = 0.995
-    ema_warmup: bool = True  # decay min(ema, (1+s)/(10+s)): lets a short run's EMA catch up
-    clip: float = 0.0  # global-norm gradient clipping; 0 = off, as in the original
-    t5: str = ""  # a Hugging Face T5 folder; "" = a small random frozen T5 (tiny runs)
-    text_length: int = 16
-    data: tuple = ()  # --data SOURCE[:WEIGHT], repeatable; () = synthetic shapes
-    caption_drop: float = 0.1  # classifier-free guidance: drop the whole caption
-    t_mu: float = -0.8  # t = sigmoid(N(t_mu, t_sigma)), t = 1 is data
-    t_sigma: float = 0.8
-    noise_scale: float = 2.0
-    a_min: float = 0.01
-    precision: str = "float32"  # compute dtype; parameters and optimiser stay float32
-    remat: bool = False
-    fsdp: bool = False  # shard parameters and optimiser state over the data axis too
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 240
-    sample_steps: int = 50
-    guidance: float = 3.0
-    ckpt_every: int = 240
-    keep: int = 3  # checkpoints kept
-    init_from: str = ""  # a train.py run/checkpoint or released Diffusers weights to fine-tune from
+    """Every field is a command-line flag (`--batch-size`); its help is the text here."""
+    model: str = field("tiny", "MM-JiT size, a key of model.PRESETS: tiny, B/32, B/16 or L/16")
+    image_size: int = field(32, "training resolution in pixels, a multiple of the patch size")
+    batch_size: int = field(32, "global batch, over all devices and hosts")
+    steps: int = field(720, "total training steps; raise it to train a finished run further")
+    lr: float = field(1e-3, "AdamW learning rate after the warm-up")
+    warmup: int = field(100, "steps of linear warm-up from 1e-6 to --lr; 0 = none")
+    ema: float = field(0.995, "EMA decay of the weights that are sampled and saved as ema")
+    ema_warmup: bool = field(True, "decay min(ema, (1+s)/(10+s)), which lets a short run's EMA catch up")
+    clip: float = field(0.0, "global-norm gradient clipping; 0 = off, as in the original")
+    t5: str = field("", "a Hugging Face FLAN-T5 folder; none = a small random frozen T5 with a tokenizer "
+                        "fitted to the run's captions (tiny runs)")
+    text_length: int = field(16, "tokens per caption with </s>; a run with the fitted tokenizer takes, unless "
+                                 "given, the length that holds 99%% of its captions (at least 16)")
+    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: .tar shards, a brace pattern of them, an image folder, "
+                            "a .jsonl manifest or 'synthetic' (the default: built-in captioned shapes)")
+    caption_drop: float = field(0.1, "share of captions dropped (all mask_token) for classifier-free guidance")
+    t_mu: float = field(-0.8, "t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
+    t_sigma: float = field(0.8, "see --t-mu")
+    noise_scale: float = field(2.0, "x at t = 0 is noise_scale N(0, I), in training and in sampling")
+    a_min: float = field(0.01, "the v-loss divides by max(1 - t, a_min)")
+    precision: str = field("float32", "denoiser compute dtype, float32 or bfloat16 (weights, optimiser and "
+                                      "the frozen T5 stay float32)")
+    remat: bool = field(False, "recompute each block's activations in the backward pass (less memory)")
+    fsdp: bool = field(False, "shard parameters and optimiser state over the data axis too")
+    seed: int = field(0, "one seed for initialisation, step noise, sample-grid noise and data order")
+    log_every: int = field(50, "steps between lines of log.jsonl")
+    sample_every: int = field(240, "steps between sample grids in samples/; 0 = none")
+    sample_steps: int = field(50, "sampler steps of each grid")
+    guidance: float = field(3.0, "classifier-free guidance of the grids; sample.py's default for this run")
+    ckpt_every: int = field(240, "steps between checkpoints (one is also written at the end and on a stop)")
+    keep: int = field(3, "checkpoints kept")
+    init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
 
 
+# Fields that may change when a run is resumed: they do not change what the run computes.
+RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp"}
 PAPER = dict(image_size=512, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
              sample_every=5000, sample_steps=100, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
@@ -75,13 +87,18 @@ RECIPES = {
     "l16-pretrain": Recipe(model="L/16", **PRETRAIN),
     "l16-finetune": Recipe(model="L/16", **FINETUNE),
 }
-TINY_T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2)  # for the default run
-DEFAULT_PROMPTS = ["a photo of a cat", "a red bicycle leaning against a wall", "a bowl of fruit on a table",
-                   "a lighthouse at sunset", "two dogs playing in the snow", "a city street at night"]
+TINY_T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2)  # the random T5 of runs without --t5
+STREAMS = ("init", "step", "grid", "t5")  # random streams under the one seed: none shares bits with another
+FEATURE_BYTES = 4 << 30  # T5 features of a run's distinct captions kept in host memory up to this size
+GRID_PROMPTS = 8
 
 
 class UsageError(Exception):
     """Bad input from the command line: reported as one line, exit code 2."""
+
+
+def rng(seed, stream):
+    return jax.random.fold_in(jax.random.key(seed), STREAMS.index(stream))
 
 
 # ------------------------------------------------------------------------------------------- objective
@@ -98,7 +115,9 @@ def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01,
 
 
 def lr_schedule(r):
-    return optax.linear_schedule(1e-6, r.lr, r.warmup)  # linear warm-up, then constant
+    """Linear warm-up from 1e-6 over r.warmup steps, then constant (optax's schedule with 0 steps would stay
+    at 1e-6 for ever, hence the branch)."""
+    return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else optax.constant_schedule(r.lr)
 
 
 def adamw_ema(state, grads, grad_norm, r):
@@ -122,16 +141,20 @@ def adamw_ema(state, grads, grad_norm, r):
 
 
 def train_step(state, t5_params, batch, *, cfg, t5cfg, r):
-    """One update from a batch of images and token ids: the frozen T5's features, then denoiser_step."""
-    context = model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"], jnp.dtype(r.precision))
-    return denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
+    """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
+    dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
+    denoiser_step. A batch's "stop" flags (a process asked to stop sets its examples') come back as one global
+    maximum, so that every process takes the same decision at the same step."""
+    context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
+    state, metrics = denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
+    return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
 
 def denoiser_step(state, images, context, mask, *, cfg, r):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
     run draws exactly what an uninterrupted one would."""
     params, step, B = state["params"], state["step"], images.shape[0]
-    k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(jax.random.key(r.seed), step), 3)
+    k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
@@ -163,10 +186,11 @@ def make_mesh(devices):
 
 
 def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
-    """The whole step under one jit; the batch is split over the "data" axis, the state donated in place."""
+    """The whole step under one jit; every array of the batch is split over the "data" axis, the state donated
+    in place."""
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = {k: NamedSharding(mesh, P("data")) for k in ("images", "ids", "mask")}
+    batch_sharding = NamedSharding(mesh, P("data"))
     step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
@@ -187,7 +211,8 @@ ARRAYS = ("params", "ema", "mu", "nu")  # the state's trees, one safetensors fil
 
 def save_checkpoint(run, state, data_state, keep):
     """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable.
-    Every process writes its own data position; process 0 writes the arrays (shared filesystem assumed)."""
+    Every process writes its own data position; process 0 writes the arrays and a copy of the run's config.json
+    (a step folder copied out of its run still loads; shared filesystem assumed)."""
     step = int(state["step"])
     folder = os.path.join(run, "checkpoints")
     tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
@@ -203,6 +228,7 @@ def save_checkpoint(run, state, data_state, keep):
             model.write_safetensors(os.path.join(tmp, f"{name}.safetensors"), model.flatten(tree))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step}, f)
+        shutil.copy(os.path.join(run, "config.json"), tmp)
     multihost_utils.sync_global_devices("checkpoint written")
     if jax.process_index() == 0:
         os.replace(tmp, final)
@@ -225,7 +251,7 @@ def restore_checkpoint(path, state_shapes, shardings):
 
 def load_init_weights(path, cfg):
     """Weights to fine-tune from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
-    loaded, params, _, _ = sample.load_denoiser(path)
+    loaded, params, _ = sample.load_denoiser(path)
     diff = [f"{k} {v} != {getattr(cfg, k)}" for k, v in dataclasses.asdict(loaded).items()
             if k != "image_size" and v != getattr(cfg, k)]  # weights do not depend on the resolution
     if diff:
@@ -236,22 +262,61 @@ def load_init_weights(path, cfg):
 # ----------------------------------------------------------------------------------------- text encoder
 
 
-def make_tiny_text_encoder(folder, seed):
-    """A frozen random T5 with a sentencepiece model fitted to the synthetic captions, saved in the
-    Hugging Face layout so that the run directory is self-contained."""
+def make_tiny_text_encoder(folder, captions, seed):
+    """A frozen random T5 with a sentencepiece model fitted to the run's own captions, saved in the Hugging
+    Face layout so that the run directory is self-contained. BPE merges up to whole words, so every word of
+    the captions becomes known pieces (the vocabulary follows the data: a few hundred pieces for the shapes, at
+    most 8192); case is folded; byte fallback spells a word never seen in bytes instead of one shared <unk>."""
     import sentencepiece
 
-    rng = np.random.default_rng(seed)
-    captions = [data.describe(data.random_scene(rng)) for _ in range(5000)]
     os.makedirs(folder, exist_ok=True)
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=buf, model_type="word", vocab_size=256, hard_vocab_limit=False,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        sentence_iterator=iter(captions), model_writer=buf, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
+        byte_fallback=True, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        minloglevel=2)
     with open(os.path.join(folder, "spiece.model"), "wb") as f:
         f.write(buf.getvalue())
     cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
-    model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(jax.random.key(seed + 1), cfg))
+    model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
+
+
+def fitted_text_length(tokenizer, captions):
+    """The text length of a run with a fitted tokenizer: 99% of its captions whole, at least 16, a multiple of 8."""
+    return min(256, max(16, -(-int(np.percentile(tokenizer.lengths(captions), 99)) // 8) * 8))
+
+
+def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
+    """({caption: row}, features [N, L', Dt]) of the distinct captions, computed once in chunks of one shape (one
+    compilation). L' is the longest caption's tokens: the padding's features are never used (mask_token takes
+    their place), and the encoder masks padded keys, so shorter padding gives the same features."""
+    t5cfg, t5_params, tokenizer = text_encoder
+    distinct = sorted(set(captions))
+    length = int(min(text_length, tokenizer.lengths(distinct).max()))
+    table = np.zeros((len(distinct), length, t5cfg.d_model), dtype)
+    for i in tqdm(range(0, len(distinct), chunk), desc="T5 features of each caption, once", unit="chunk",
+                  disable=jax.process_index() != 0):
+        part = distinct[i:i + chunk]
+        ids, mask = tokenizer.encode(part + [""] * (chunk - len(part)), length)
+        table[i:i + len(part)] = np.asarray(sample.encode_text(t5_params, t5cfg, ids, mask))[:len(part)]
+    return {c: i for i, c in enumerate(distinct)}, table
+
+
+def text_report(tokenizer, captions, r, features):
+    """The start-up line on how the text encoder reads the run's captions, and warnings where it reads them badly."""
+    c = tokenizer.coverage(captions, r.text_length)
+    line = (f"text: {c['captions']} captions read, {c['unknown']:.2%} of pieces unknown, {c['cut']:.1%} cut at "
+            f"{r.text_length} tokens, median {c['median_tokens']:.0f} tokens; T5 features "
+            + (f"encoded once for {len(features[0])} distinct captions" if features else "encoded in every step"))
+    warnings = []
+    if c["unknown"] > 0.01:
+        warnings.append(f"warning: {c['unknown']:.1%} of the caption pieces are unknown to the tokenizer: those "
+                        "words all reach the model as the same <unk>")
+    if c["cut"] > 0.05:
+        need = int(np.percentile(tokenizer.lengths(captions), 99))
+        warnings.append(f"warning: {c['cut']:.0%} of the captions are cut at --text-length {r.text_length}; "
+                        f"{need} would hold 99% of them")
+    return line, warnings, c
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -259,152 +324,288 @@ def make_tiny_text_encoder(folder, seed):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(RECIPES)}")
-    parser.add_argument("--out", help="run directory (default runs/<preset>)")
+    parser.add_argument("--preset", default="tiny", help=f"a recipe, one of {', '.join(RECIPES)} (default tiny); "
+                                                         "the flags below override its fields")
+    parser.add_argument("--out", help="run directory (default runs/<preset>, or runs/<preset>-<data> with --data)")
     parser.add_argument("--distributed", action="store_true",
                         help="jax.distributed.initialize(): automatic on TPU pods and SLURM, else set "
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
     for f in dataclasses.fields(Recipe):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (tiny: {f.default or 'none'})"
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif f.type is tuple:
-            parser.add_argument(flag, action="append", default=None, help="repeatable")
+            parser.add_argument(flag, action="append", default=None, help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=None)
+            parser.add_argument(flag, type=f.type, default=None, help=help)
     args = parser.parse_args(argv)
     if args.preset not in RECIPES:
-        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(RECIPES)}")
+        raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
     r = dataclasses.replace(RECIPES[args.preset], **{k: tuple(v) if k == "data" else v for k, v in overrides.items()})
     if r.model not in model.PRESETS:
-        raise UsageError(f"unknown model {r.model!r}; choose one of {', '.join(model.PRESETS)}")
+        raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
+    args.fit_text_length = not r.t5 and "text_length" not in overrides
+    if not args.out:
+        source = data.parse_sources(r.data)[0][0] if r.data else ""
+        name = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(os.path.normpath(source)))[0]).strip("_")
+        args.out = os.path.join("runs", args.preset.replace("/", "") + (f"-{name}" if r.data else ""))
     return args, r
 
 
-def prepare_run(run, r):
-    """Check the run directory (a new one, or this same run to resume), find or make the text encoder, and
-    only then write config.json: bad input leaves nothing behind."""
+def check_recipe(r, cfg):
+    """Every flag's value, before anything is read or written: one line naming the flag and what it must be."""
+    n = jax.device_count()
+    rules = [("steps", r.steps >= 1, "at least 1"), ("batch_size", r.batch_size >= 1 and r.batch_size % n == 0,
+              f"a positive multiple of the {n} devices"),
+             ("image_size", r.image_size >= cfg.patch_size and r.image_size % cfg.patch_size == 0,
+              f"a positive multiple of the patch size {cfg.patch_size}"),
+             ("text_length", r.text_length >= 2, "at least 2 (a token and </s>)"),
+             ("log_every", r.log_every >= 1, "at least 1"), ("ckpt_every", r.ckpt_every >= 1, "at least 1"),
+             ("keep", r.keep >= 1, "at least 1"), ("sample_every", r.sample_every >= 0, "0 (no grids) or more"),
+             ("sample_steps", r.sample_steps >= 1, "at least 1"), ("warmup", r.warmup >= 0, "0 or more"),
+             ("lr", r.lr > 0, "positive"), ("ema", 0 <= r.ema < 1, "in [0, 1)"),
+             ("caption_drop", 0 <= r.caption_drop < 1, "in [0, 1)"), ("noise_scale", r.noise_scale > 0, "positive"),
+             ("a_min", 0 < r.a_min < 1, "in (0, 1)"), ("t_sigma", r.t_sigma > 0, "positive"),
+             ("clip", r.clip >= 0, "0 (off) or more"), ("guidance", r.guidance >= 0, "0 or more"),
+             ("precision", r.precision in ("float32", "bfloat16"), "float32 or bfloat16")]
+    for name, ok, expected in rules:
+        if not ok:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(r, name)}: expected {expected}")
+    if not r.t5 and cfg.txt_dim != TINY_T5["d_model"]:
+        raise UsageError(f"--t5: the {r.model} model reads {cfg.txt_dim}-wide FLAN-T5 features; give --t5 DIR, a "
+                         "Hugging Face FLAN-T5 folder (google/flan-t5-large)")
+    if r.init_from and not os.path.exists(r.init_from):
+        raise UsageError(f"--init-from {r.init_from}: no such file or directory")
+
+
+def check_resume(run, config, r):
+    """A run directory must hold this same run (the fields in RESUMABLE may differ) that has steps left."""
+    old = sample.read_json(os.path.join(run, "config.json"))
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    new = json.loads(json.dumps(config["recipe"]))
+    diff = [f"{k} {old['recipe'].get(k, defaults[k])!r} -> {v!r}" for k, v in new.items()
+            if k not in RESUMABLE and old.get("recipe", {}).get(k, defaults[k]) != v]
+    if diff:
+        raise UsageError(f"--out {run} holds another run ({'; '.join(diff)}): give the same flags to resume it, "
+                         "or another --out")
+    try:
+        with open(os.path.join(sample.latest_checkpoint(run), "state.json")) as f:
+            step = json.load(f)["step"]
+    except FileNotFoundError:
+        return
+    if step >= r.steps:
+        raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger --steps to train it "
+                         "further, or another --out for a new run")
+
+
+def prepare_run(run, r, fit_text_length):
+    """Check everything, then make the run directory, or reopen this same run. Nothing is written before the
+    checks pass, and a new run is built in RUN.partial and renamed into place: an interrupt at any moment
+    leaves nothing or a run that resumes. Returns the model config, the recipe with its text length, the text
+    encoder, the captions read and whether they are all of them."""
     cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size)
-    config = {"model": dataclasses.asdict(cfg), "t5": os.path.abspath(r.t5) if r.t5 else "t5",
-              "text_length": r.text_length, "recipe": dataclasses.asdict(r)}
-    path = os.path.join(run, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        for key in ("model", "t5", "text_length"):
-            if old.get(key) != config[key]:
-                raise UsageError(f"{path} holds a different run ({key}: {old.get(key)} != {config[key]}); "
-                                 "choose another --out")
-    if r.batch_size % jax.device_count():
-        raise UsageError(f"--batch-size {r.batch_size} must be a multiple of the {jax.device_count()} devices")
-    t5_path = os.path.join(run, config["t5"])  # an absolute path stays as it is
-    if not r.t5 and jax.process_index() == 0 and not os.path.isdir(t5_path):
-        make_tiny_text_encoder(t5_path, r.seed)
+    check_recipe(r, cfg)
+    try:
+        captions, complete = data.read_captions(list(r.data), r.seed)
+    except ValueError as e:
+        raise UsageError(e) from None
+    resume = os.path.isfile(os.path.join(run, "config.json"))
+    if not resume and os.path.exists(run) and os.listdir(run):
+        raise UsageError(f"--out {run}: exists and is not a train.py run (no config.json)")
+    partial, first = os.path.normpath(run) + ".partial", jax.process_index() == 0
+    t5_path = os.path.abspath(r.t5) if r.t5 else os.path.join(run if resume else partial, "t5")
+    if first and not resume:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a second Ctrl-C
+        if not r.t5:
+            make_tiny_text_encoder(t5_path, captions, r.seed)
     multihost_utils.sync_global_devices("text encoder ready")
     try:
         text_encoder = sample.load_text_encoder(t5_path, cfg)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--t5 {t5_path}: not a usable T5 folder ({e})") from None
-    if jax.process_index() == 0:
-        os.makedirs(run, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UsageError(f"--t5 {t5_path}: not a usable T5 folder ({' '.join(str(e).split())})") from None
+    if fit_text_length:
+        r = dataclasses.replace(r, text_length=fitted_text_length(text_encoder[2], captions))
+    config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5", "text_length": r.text_length,
+              "recipe": dataclasses.asdict(r)}
+    if resume:
+        check_resume(run, config, r)
+    init = None
+    if r.init_from and not resume:
+        try:
+            init = load_init_weights(r.init_from, cfg)
+        except (OSError, ValueError) as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise UsageError(f"--init-from {r.init_from}: {e}") from None
+    multihost_utils.sync_global_devices("checks done")  # every process has read RUN.partial before it moves
+    if first:
+        os.makedirs(partial if not resume else run, exist_ok=True)
+        path = os.path.join(partial if not resume else run, "config.json")
         with open(path + ".tmp", "w") as f:
             json.dump(config, f, indent=1)
         os.replace(path + ".tmp", path)
-    return cfg, text_encoder
+        if not resume:
+            shutil.rmtree(run, ignore_errors=True)  # an empty folder the user made
+            os.makedirs(os.path.dirname(os.path.abspath(run)), exist_ok=True)
+            os.replace(partial, run)
+    multihost_utils.sync_global_devices("run directory ready")
+    return cfg, r, text_encoder, captions, complete, init
 
 
 def open_log(path, start):
-    """log.jsonl, keeping the lines up to the step resumed from: steps logged after the checkpoint (before
-    a crash) are about to be redone."""
+    """log.jsonl, keeping the lines up to the step resumed from: steps logged after the checkpoint (before a
+    crash) are about to be redone, and a line torn by a kill ends what is kept."""
     kept = []
     if os.path.isfile(path):
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] > start:
+                        break
+                except (ValueError, KeyError):
+                    break
+                kept.append(line)
     log = open(path, "w")
     log.writelines(kept)
     return log
 
 
+def stop_requests():
+    """A list that SIGINT or SIGTERM appends to: the run finishes its step, saves and exits. A second signal
+    quits at once (checkpoints are written aside and renamed, so even that loses only the steps since the last)."""
+    stop = []
+
+    def handler(signum, frame):
+        if stop:
+            print("train.py: stopped at once", file=sys.stderr)
+            os._exit(128 + signum)
+        stop.append(signum)
+        print("train.py: stopping after this step (again to quit at once)", file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
 def main(argv=None):
+    stop = stop_requests()
     args, r = parse_args(argv)
     if args.distributed:  # peers found by themselves on TPU pods and SLURM; elsewhere from the environment
         env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
         jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
-    run = args.out or os.path.join("runs", args.preset.replace("/", ""))
-    cfg, (t5cfg, t5_params, tokenizer) = prepare_run(run, r)
+    run, first = args.out, jax.process_index() == 0
+    cfg, r, text_encoder, captions, complete, init = prepare_run(run, r, args.fit_text_length)
+    t5cfg, t5_params, tokenizer = text_encoder
 
     mesh = make_mesh(jax.devices())
     state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
     step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r)
     t5_params = jax.device_put(t5_params, NamedSharding(mesh, P()))
-
+    ckpt = data_state = None
     try:
-        ckpt, data_state = sample.latest_checkpoint(run), None
+        ckpt = sample.latest_checkpoint(run)
+        state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
     except FileNotFoundError:  # a new run
-        ckpt = data_state = None
-    if ckpt:
-        try:
-            state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot resume from {ckpt}: {e}") from None
-    else:
-        state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(jax.random.key(r.seed))
-        if r.init_from:
-            try:
-                params = load_init_weights(r.init_from, cfg)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"--init-from {r.init_from}: {e}") from None
-            state = jax.device_put(state | {"params": params, "ema": params}, shardings)
+        state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(rng(r.seed, "init"))
+        if init is not None:  # the EMA its own copy: the step donates both
+            state = jax.device_put(state | {"params": init, "ema": jax.tree.map(jnp.copy, init)}, shardings)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot resume from {ckpt}: {e}") from None
+    start = int(state["step"])
+
+    # Encode-once: where every caption is known and the distinct ones are fewer than the encodings the steps
+    # would make, their features are computed now and each step looks them up (not across hosts: each would
+    # need the whole table, and multi-host runs are the large ones).
+    distinct = len(set(captions))
+    size = distinct * r.text_length * t5cfg.d_model * jnp.dtype(r.precision).itemsize
+    features = None
+    if complete and jax.process_count() == 1 and distinct < (r.steps - start) * r.batch_size and size <= FEATURE_BYTES:
+        features = encode_once(text_encoder, captions, r.text_length, jnp.dtype(r.precision))
+    line, warnings, coverage = text_report(tokenizer, captions, r, features)
+    if first:
+        print("\n".join([line, *warnings]), file=sys.stderr)
+
+    prompts = data.SYNTHETIC_PROMPTS if not r.data else list(
+        np.random.default_rng(r.seed).choice(sorted(set(captions)), min(GRID_PROMPTS, distinct), replace=False))
+    ids, mask = tokenizer.encode(prompts, r.text_length)
+    grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
+            "noise": sample.initial_noise(jax.random.split(rng(r.seed, "grid"), len(prompts)), cfg, r.noise_scale)}
 
     loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
                          r.text_length, seed=r.seed, process_index=jax.process_index(),
                          process_count=jax.process_count(), state=data_state)
-    prompts = data.SYNTHETIC_PROMPTS if not r.data else DEFAULT_PROMPTS
-    grid_ids, grid_mask = tokenizer.encode(prompts, r.text_length)
-    grid_noise = sample.initial_noise(range(len(prompts)), cfg)  # the same noise at every sampling
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))  # finish the step, save, exit 0
-
-    start = int(state["step"])
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
-    log = open_log(os.path.join(run, "log.jsonl"), start) if jax.process_index() == 0 else None
-    bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=jax.process_index() != 0)
-    last_time, last_step, metrics = time.perf_counter(), start, None
+    log = open_log(os.path.join(run, "log.jsonl"), start) if first else None
+    write_log(log, {"step": start, "text": line, **coverage})
+    bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=not first)
+    clock, last = (time.perf_counter(), start), None
     with loader:
         for step in bar:
             batch = next(loader)
-            batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], batch[k]) for k in batch_sharding}
+            batch = device_batch(batch, batch_sharding, features, stop)
             state, metrics = step_fn(state, t5_params, batch)
             done = step + 1
-            if done % r.log_every == 0 or done == r.steps or stop:
-                m = {k: float(v) for k, v in metrics.items()}
-                if not np.isfinite(m["loss"]):
-                    sys.exit(f"train.py: loss is {m['loss']} at step {done}; stopping, the last checkpoint is kept")
-                now = time.perf_counter()
-                m |= {"step": done, "skipped": loader.skipped,
-                      "images_per_s": (done - last_step) * r.batch_size / (now - last_time)}
-                last_time, last_step = now, done
-                bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}")
-                if log:
-                    log.write(json.dumps(m) + "\n")
-                    log.flush()
-            if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
-                context = sample.encode_text(t5_params, t5cfg, grid_ids, grid_mask)
-                images = sample.sample(state["ema"], cfg, context, grid_mask, grid_noise, steps=r.sample_steps,
-                                       guidance=r.guidance)
-                if jax.process_index() == 0:
-                    sample.make_grid(np.asarray(images), prompts).save(os.path.join(run, "samples", f"step_{done:06d}.png"))
-            if done % r.ckpt_every == 0 or done == r.steps or stop:
+            stopping = last is not None and bool(last["stop"])  # every process's request: one step behind, not to stall
+            last = metrics
+            if done % r.log_every == 0 or done == r.steps or stopping:
+                clock = log_step(log, bar, metrics, done, clock, r, loader)
+            if done % r.ckpt_every == 0 or done == r.steps or stopping:
                 if not np.isfinite(float(metrics["loss"])):  # never overwrite a good checkpoint with a broken one
                     sys.exit(f"train.py: loss is not finite at step {done}; stopping, the last checkpoint is kept")
                 save_checkpoint(run, state, loader.state(), r.keep)
-            if stop:
+            if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
+                save_grid(run, done, state["ema"], cfg, grid, r)
+            if stopping:
                 print(f"train.py: stopped at step {done}; resume with the same command", file=sys.stderr)
                 break
-    if log:
+    if first:
+        print(loader.summary(), file=sys.stderr)
+        write_log(log, {"step": int(state["step"]), "data": loader.summary()})
         log.close()
+
+
+def device_batch(batch, sharding, features, stop):
+    """The host batch as global arrays: with the encode-once table, the captions' T5 features in place of their
+    ids; and this process's stop request as one flag per example (the step returns the maximum over all)."""
+    out = {"images": batch["images"], "mask": batch["mask"], "stop": np.full(len(batch["mask"]), bool(stop), np.int32)}
+    if features:
+        index, table = features
+        try:
+            rows = table[[index[c] for c in batch["captions"]]]  # [B, L', Dt]
+        except KeyError as e:
+            raise RuntimeError(f"caption {e} was not among the captions read at start-up: was --data changed?") from None
+        out["context"] = np.zeros((len(rows), batch["mask"].shape[1], rows.shape[2]), rows.dtype)
+        out["context"][:, :rows.shape[1]] = rows
+    else:
+        out["ids"] = batch["ids"]
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
+
+
+def write_log(log, record):
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def log_step(log, bar, metrics, done, clock, r, loader):
+    """One line of log.jsonl and the progress bar; stops the run on a non-finite loss. Returns the new clock."""
+    m = {k: float(v) for k, v in metrics.items() if k != "stop"}
+    if not np.isfinite(m["loss"]):
+        sys.exit(f"train.py: loss is {m['loss']} at step {done}; stopping, the last checkpoint is kept")
+    now = time.perf_counter()
+    m |= {"step": done, "skipped": loader.skipped, "images_per_s": (done - clock[1]) * r.batch_size / (now - clock[0])}
+    bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}")
+    write_log(log, m)
+    return now, done
+
+
+def save_grid(run, done, params, cfg, grid, r):
+    """EMA samples of the grid's prompts from the same noise every time: samples/step_NNNNNN.png."""
+    images = sample.sample(params, cfg, grid["context"], grid["mask"], grid["noise"], steps=r.sample_steps,
+                           guidance=r.guidance)
+    if jax.process_index() == 0:
+        sample.make_grid(np.asarray(images), grid["prompts"]).save(os.path.join(run, "samples", f"step_{done:06d}.png"))
 
 
 if __name__ == "__main__":

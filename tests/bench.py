@@ -131,7 +131,7 @@ def bench_sample(cfg, params, args):
     B, L, steps = args.batch_size, args.text_length, args.sample_steps
     context = jax.random.normal(jax.random.key(3), (B, L, cfg.txt_dim))
     mask = jnp.ones((B, L), jnp.int32)
-    noise = sample.initial_noise(range(B), cfg)
+    noise = sample.initial_noise(jax.random.split(jax.random.key(0), B), cfg, 2.0)
     dtype = jnp.dtype(args.precision)
     run = lambda: sample.sample(params, cfg, context, mask, noise, steps=steps, guidance=4.0, dtype=dtype)
     adapter, denoiser = flops(cfg, L)
@@ -155,7 +155,8 @@ def bench_data(cfg, args):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-        tokenizer = type("Ids", (), {"encode": lambda self, p, n: (np.ones((len(p), n), np.int32),) * 2})()
+        tokenizer = type("Ids", (), {"encode": lambda self, p, n: (np.ones((len(p), n), np.int32),) * 2,
+                                     "lengths": lambda self, p: np.ones(len(p), np.int64)})()
         with data.Loader([shard], cfg.image_size, 16, tokenizer, 8) as loader:
             next(loader)
             rates = []

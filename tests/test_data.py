@@ -4,6 +4,7 @@ All data is made here in tmp_path; a fake tokenizer keeps these tests independen
 
 import io
 import json
+import re
 import struct
 import tarfile
 import zlib
@@ -14,9 +15,7 @@ from PIL import Image
 
 import data
 
-# Skipped samples are announced with warnings; the tests that care catch them with pytest.warns.
-pytestmark = [pytest.mark.filterwarnings("ignore:data. skipped"),
-              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -30,6 +29,9 @@ class FakeTokenizer:
             tokens = [2 + zlib.crc32(w.encode()) % 1000 for w in p.split()][:max_length - 1] + [1]
             ids[i, :len(tokens)] = tokens
         return ids, (ids > 0).astype(np.int32)
+
+    def lengths(self, prompts):
+        return np.array([len(p.split()) + 1 for p in prompts])
 
 
 def loader(sources, image_size=16, batch_size=4, **kw):
@@ -90,6 +92,10 @@ def test_expand_braces():
 
 # ----------------------------------------------------------------------------- preprocessing
 
+def load_image(src, size):
+    return data.load_image(src, size)[0]
+
+
 def to_uint8(x):
     return np.round((x + 1) * 127.5).astype(int)
 
@@ -120,7 +126,7 @@ def test_every_mode_becomes_rgb(mode):
         im.paste({"L": 255, "1": 1, "RGB": (255, 255, 255)}[mode], (8, 0, 16, 16))
         raw, want = encode(im), [BLUE if mode == "RGB" else (dark * 255 if mode == "1" else dark,) * 3, (255,) * 3]
     assert Image.open(io.BytesIO(raw)).mode == mode
-    out = data.load_image(raw, 16)
+    out = load_image(raw, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.float32
     assert -1 <= out.min() and out.max() <= 1
     assert np.abs(to_uint8(out[8, 2]) - want[0]).max() <= 3
@@ -132,33 +138,33 @@ def test_exif_orientation_is_applied():
     a[:, :32], a[:, 32:] = RED, BLUE  # stored wide: red left, blue right
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: red on top
-    out = to_uint8(data.load_image(encode(Image.fromarray(a), "JPEG", exif=exif.tobytes(), quality=95), 16))
+    out = to_uint8(load_image(encode(Image.fromarray(a), "JPEG", exif=exif.tobytes(), quality=95), 16))
     assert np.abs(out[1, 8] - RED).max() < 10 and np.abs(out[14, 8] - BLUE).max() < 10
-    plain = to_uint8(data.load_image(encode(Image.fromarray(a), "JPEG", quality=95), 16))
+    plain = to_uint8(load_image(encode(Image.fromarray(a), "JPEG", quality=95), 16))
     assert np.abs(plain[1, 8] - BLUE).max() < 10  # without the tag the center crop is split left/right
 
 
 def test_crop_keeps_center_and_resizes_shorter_side():
     wide = np.zeros((100, 400, 3), np.uint8)
     wide[:, :100], wide[:, 100:300], wide[:, 300:] = RED, GREEN, BLUE
-    out = to_uint8(data.load_image(encode(Image.fromarray(wide)), 32))
+    out = to_uint8(load_image(encode(Image.fromarray(wide)), 32))
     assert out.shape == (32, 32, 3) and np.abs(out - GREEN).max() <= 2
     # Tall 64x128 -> shorter side 64 becomes 32 (so 16 black + 16 white columns), rows 32..96 survive.
     tall = np.zeros((128, 64, 3), np.uint8)
     tall[:, 32:] = 255
     tall[:32] = RED
     tall[96:] = BLUE
-    out = to_uint8(data.load_image(encode(Image.fromarray(tall)), 32))
+    out = to_uint8(load_image(encode(Image.fromarray(tall)), 32))
     inner = out[2:-2]  # the outermost rows may blend with their neighbours outside the crop, as in resize-then-crop
     assert (inner[:, :15] <= 2).all() and (inner[:, 17:] >= 253).all()
     # Large JPEGs take the draft (reduced-scale) decode path; the result is the same geometry.
-    out = to_uint8(data.load_image(encode(Image.fromarray(np.repeat(np.repeat(wide, 8, 0), 8, 1)), "JPEG"), 32))
+    out = to_uint8(load_image(encode(Image.fromarray(np.repeat(np.repeat(wide, 8, 0), 8, 1)), "JPEG"), 32))
     assert np.abs(out - GREEN).max() <= 6
 
 
 def test_load_image_accepts_a_path(tmp_path):
     (tmp_path / "a.webp").write_bytes(encode(Image.new("RGB", (40, 20), GREEN), "WEBP", lossless=True))
-    assert np.abs(to_uint8(data.load_image(str(tmp_path / "a.webp"), 8)) - GREEN).max() <= 2
+    assert np.abs(to_uint8(load_image(str(tmp_path / "a.webp"), 8)) - GREEN).max() <= 2
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -196,7 +202,7 @@ def test_default_loader_is_synthetic():
         assert -1 <= b["images"].min() and b["images"].max() <= 1 and len(b["captions"]) == 8
         assert (b["mask"].sum(1) == [len(c.split()) + 1 for c in b["captions"]]).all()
         assert json.loads(json.dumps(ld.state())) == {"batches": 1, "sources": [{"epoch": 0, "consumed": 8}],
-                                                       "skipped": {}}
+                                                       "skipped": {}, "upscaled": 0, "cut": 0}
     with pytest.raises(RuntimeError, match="closed"):
         next(ld)
 
@@ -350,23 +356,21 @@ BAD_SAMPLES = {
 
 
 def assert_counted(ld, reason, good, bad, epochs=3):
-    """Batches of one epoch's `good` samples each; then exactly the bad samples popped so far are counted:
-    `bad` per finished epoch plus those before the last good one in the current epoch."""
+    """Batches of one epoch's `good` samples each; then each bad sample is counted once, though later passes
+    meet it again."""
     for _ in range(epochs):
         assert len(set(next(ld)["captions"])) == good
-    pos = ld.state()["sources"][0]
-    assert pos["epoch"] == epochs - 1
-    assert ld.skip_reasons[reason] == (epochs - 1) * bad + pos["consumed"] - good
-    assert ld.skipped == ld.skip_reasons[reason] == ld.state()["skipped"][reason]
+    assert ld.state()["sources"][0]["epoch"] == epochs - 1
+    assert ld.skipped == ld.skip_reasons[reason] == ld.state()["skipped"][reason] == bad
 
 
 @pytest.mark.parametrize("case", list(BAD_SAMPLES))
-def test_bad_sample_in_tar_is_skipped_and_counted(tmp_path, case):
+def test_bad_sample_in_tar_is_skipped_and_counted(tmp_path, case, capsys):
     members, reason = BAD_SAMPLES[case]
     shard = write_tar(tmp_path / "s.tar", good_members("g", 2) + members)
     with loader([shard], batch_size=2, num_workers=1) as ld:
-        with pytest.warns(UserWarning, match="skipped .*s.tar:/?k"):
-            assert_counted(ld, reason, good=2, bad=1)
+        assert_counted(ld, reason, good=2, bad=1)
+    assert re.fullmatch(r"data: skipped .*s.tar:/?k \(.*\)\n", capsys.readouterr().err)  # named once, one line
 
 
 def test_bad_samples_in_folder_and_manifest(tmp_path):
@@ -388,7 +392,7 @@ def test_image_over_the_pixel_limit_is_a_bomb(tmp_path, monkeypatch):
     # 20x20 = 400 px is between 1x and 2x the limit, where PIL itself only warns.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
     with pytest.raises(data.BadSample, match="decompression bomb"):
-        data.load_image(png(size=(20, 20)), 16)
+        load_image(png(size=(20, 20)), 16)
     shard = write_tar(tmp_path / "s.tar", good_members("g", 2) + [("k.png", png(size=(20, 20))), ("k.txt", b"x")])
     with loader([shard], batch_size=2, num_workers=1) as ld:
         assert_counted(ld, "decompression bomb", good=2, bad=1)
@@ -408,19 +412,19 @@ def test_damaged_shard_keeps_what_it_can_and_counts_the_rest(tmp_path, damage):
     with loader([str(tmp_path / "{0..1}.tar")], batch_size=3 + kept, num_workers=1) as ld:
         for _ in range(3):
             assert len(set(next(ld)["captions"])) == 3 + kept
-        pos = ld.state()["sources"][0]
-        assert ld.skip_reasons["unreadable shard"] == 2 + pos["consumed"] - 3 - kept
-        assert ld.skipped == ld.skip_reasons["unreadable shard"]
+        assert ld.skipped == ld.skip_reasons["unreadable shard"] == 1  # the shard's damage, once
 
 
-def test_first_few_skips_are_named_then_only_counted(tmp_path):
+def test_first_few_skips_are_named_then_only_counted(tmp_path, capsys):
     members = good_members("g", 1) + [m for i in range(8) for m in [(f"bad{i}.png", png()), (f"bad{i}.txt", b"")]]
     shard = write_tar(tmp_path / "s.tar", members)
     with loader([shard], batch_size=1, num_workers=1) as ld:
-        with pytest.warns(UserWarning) as record:
-            while ld.skipped < 12:
-                next(ld)
-    named = [str(w.message) for w in record if "data: skipped" in str(w.message)]
+        for _ in range(3):  # three passes over the shard
+            next(ld)
+        assert ld.skipped == 8
+        assert ld.summary() == "data: 3 samples used; 8 skipped (8 empty caption); 0 images upscaled to 16 px; " \
+                               "0 captions cut at 8 tokens"
+    named = capsys.readouterr().err.splitlines()
     assert len(named) == data.NAMED_SKIPS and "only counted" in named[-1] and "empty caption" in named[0]
 
 
@@ -448,3 +452,56 @@ def test_startup_errors_name_the_path(tmp_path):
     with loader(["synthetic"]) as ld:
         state = ld.state()
     assert "state has 1 sources" in error(["synthetic", "synthetic"], state=state)
+
+
+# ----------------------------------------------------------------------------- captions alone, counts
+
+def test_caption_keys_and_extensions_are_the_same_everywhere(tmp_path):
+    """A folder takes .txt, .caption and .json captions as tar shards do, and a manifest line its "caption" or
+    "text", as a .json caption does."""
+    for name, ext, body in [("a", "txt", b"an owl"), ("b", "caption", b"a fox"), ("c", "json", b'{"text": "a hen"}')]:
+        (tmp_path / f"{name}.png").write_bytes(png())
+        (tmp_path / f"{name}.{ext}").write_bytes(body)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "text": "a yak"}) + "\n")
+    with loader([str(tmp_path)], batch_size=3) as ld:
+        assert sorted(next(ld)["captions"]) == ["a fox", "a hen", "an owl"] and ld.skipped == 0
+    with loader([str(tmp_path / "m.jsonl")], batch_size=1) as ld:
+        assert next(ld)["captions"] == ["a yak"]
+
+
+def test_read_captions_reads_no_image(tmp_path):
+    write_tar(tmp_path / "0.tar", good_members("s", 3) + [("junk.png", b"not an image"), ("junk.txt", b"still read")])
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "x.jpg").write_bytes(b"never decoded")
+    (tmp_path / "pics" / "x.json").write_bytes(b'{"caption": "a heron in the reeds"}')
+    (tmp_path / "pics" / "y.jpg").write_bytes(b"")  # no caption: nothing to read
+    captions, complete = data.read_captions([str(tmp_path / "0.tar"), str(tmp_path / "pics"), "synthetic:2"])
+    assert complete and captions[:5] == ["s 0", "s 1", "s 2", "still read", "a heron in the reeds"]
+    assert captions[5:] == data.synthetic_captions()
+    assert len(data.synthetic_captions()) == 414
+    rng = np.random.default_rng(0)  # the enumeration holds every caption the generator makes
+    assert {data.describe(data.random_scene(rng)) for _ in range(5000)} <= set(data.synthetic_captions())
+    # A large source: a random subset of its shards, and the caller is told it is not all.
+    for i in range(1, 4):
+        write_tar(tmp_path / f"{i}.tar", good_members(f"t{i}-", 3))
+    some, complete = data.read_captions([str(tmp_path / "{1..3}.tar")], limit=4)
+    assert not complete and len(some) == 6 and len({c.split()[0] for c in some}) == 2
+    with pytest.raises(ValueError, match=f"--data {tmp_path / 'pics'}: not one readable caption"):
+        (tmp_path / "pics" / "x.json").write_bytes(b"{}")
+        data.read_captions([str(tmp_path / "pics")])
+
+
+def test_upscaled_images_and_cut_captions_are_counted_once(tmp_path):
+    (tmp_path / "small.png").write_bytes(png(size=(10, 12)))  # shorter side 10 < 16: upscaled
+    (tmp_path / "small.txt").write_text("short")
+    (tmp_path / "big.png").write_bytes(png(size=(40, 30)))
+    (tmp_path / "big.txt").write_text("a caption of far more than the eight tokens this loader keeps")
+    with loader([str(tmp_path)], batch_size=2) as ld:
+        for _ in range(3):
+            next(ld)
+        state = ld.state()
+        assert (state["upscaled"], state["cut"]) == (1, 1)
+        assert ld.summary().endswith("1 images upscaled to 16 px; 1 captions cut at 8 tokens")
+    with loader([str(tmp_path)], batch_size=2, state=state) as ld:  # the counts resume with the position
+        next(ld)
+        assert (ld.state()["upscaled"], ld.state()["cut"]) == (1, 1)

@@ -28,7 +28,7 @@ def psnr(a, b):
 def test_tiny_overfit(tmp_path):
     cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=128, hidden_size=128, depth=2, txt_preamble_depth=1,
                             num_heads=2, head_dim=64, pca_channels=16)
-    train.make_tiny_text_encoder(str(tmp_path / "t5"), seed=0)
+    train.make_tiny_text_encoder(str(tmp_path / "t5"), data.synthetic_captions(), seed=0)
     t5cfg, t5_params, tokenizer = sample.load_text_encoder(str(tmp_path / "t5"), cfg)
     captions = [data.describe(s) for s in SCENES]
     images = np.stack([data.render_scene(s, cfg.image_size) for s in SCENES])  # [4, 16, 16, 3]
@@ -56,7 +56,7 @@ def test_tiny_overfit(tmp_path):
     assert losses[-50:].mean() < 0.2 and losses[:10].mean() > 0.8, losses[::50]
 
     context = sample.encode_text(t5_params, t5cfg, ids, mask)
-    noise = sample.initial_noise(range(100, 104), cfg)
+    noise = sample.initial_noise(jax.random.split(jax.random.key(1), 4), cfg, 2.0)
     out = np.asarray(sample.sample(state["ema"], cfg, context, mask, noise, steps=25, guidance=1.0))
     # (b) Each caption gives back its own image: >= 20 dB is an RMS error under 0.2 on the [-1, 1] scale.
     for i in range(4):

@@ -64,12 +64,13 @@ def test_guidance_interval():
 
 def test_noise_depends_on_seed_only():
     cfg = model.MMJiTConfig(image_size=8)
-    whole = sample.initial_noise(range(10, 14), cfg)
-    parts = jnp.concatenate([sample.initial_noise([10, 11], cfg), sample.initial_noise([12, 13], cfg)])
-    np.testing.assert_array_equal(whole, parts)
-    np.testing.assert_array_equal(whole, sample.initial_noise(range(10, 14), cfg))
+    noise = lambda seeds, scale=2.0: sample.initial_noise([jax.random.key(s) for s in seeds], cfg, scale)
+    whole = noise(range(10, 14))
+    np.testing.assert_array_equal(whole, jnp.concatenate([noise([10, 11]), noise([12, 13])]))
+    np.testing.assert_array_equal(whole, noise(range(10, 14)))
     assert float(jnp.abs(whole[0] - whole[1]).mean()) > 1  # each seed its own noise
     assert whole.shape == (4, 8, 8, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
+    np.testing.assert_allclose(noise(range(10, 14), 0.5), whole / 4, rtol=1e-6)  # the run's noise scale
 
 
 def test_latest_checkpoint(tmp_path):
@@ -152,11 +153,11 @@ def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("use_ema, name", [(True, "ema"), (False, "params")])
 def test_load_run_weights(run_dir, use_ema, name):
-    cfg, params, t5, text_length = sample.load_denoiser(run_dir, use_ema=use_ema)
+    cfg, params, settings = sample.load_denoiser(run_dir, use_ema=use_ema)
     saved = model.read_safetensors(os.path.join(sample.latest_checkpoint(run_dir), f"{name}.safetensors"))
     for key, value in model.flatten(params).items():
         np.testing.assert_array_equal(value, saved[key])
-    assert t5 == os.path.join(run_dir, "t5") and isinstance(text_length, int)
+    assert settings == {"t5": os.path.join(run_dir, "t5"), "text_length": 12, "noise_scale": 2.0, "guidance": 3.0}
 
 
 @pytest.fixture(scope="module")
