@@ -266,15 +266,16 @@ def make_tiny_text_encoder(folder, captions, seed):
     """A frozen random T5 with a sentencepiece model fitted to the run's own captions, saved in the Hugging
     Face layout so that the run directory is self-contained. BPE merges up to whole words, so every word of
     the captions becomes known pieces (the vocabulary follows the data: a few hundred pieces for the shapes, at
-    most 8192); case is folded; byte fallback spells a word never seen in bytes instead of one shared <unk>."""
+    most 8192), every character of them included; case is folded; byte fallback spells a word never seen in
+    bytes instead of one shared <unk>."""
     import sentencepiece
 
     os.makedirs(folder, exist_ok=True)
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(captions), model_writer=buf, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
-        byte_fallback=True, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        minloglevel=2)
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, minloglevel=2)
     with open(os.path.join(folder, "spiece.model"), "wb") as f:
         f.write(buf.getvalue())
     cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
@@ -355,6 +356,9 @@ def parse_args(argv):
 
 def check_recipe(r, cfg):
     """Every flag's value, before anything is read or written: one line naming the flag and what it must be."""
+    if not r.t5 and cfg.txt_dim != TINY_T5["d_model"]:
+        raise UsageError(f"--t5: the {r.model} model reads {cfg.txt_dim}-wide FLAN-T5 features; give --t5 DIR, a "
+                         "Hugging Face FLAN-T5 folder (google/flan-t5-large)")
     n = jax.device_count()
     rules = [("steps", r.steps >= 1, "at least 1"), ("batch_size", r.batch_size >= 1 and r.batch_size % n == 0,
               f"a positive multiple of the {n} devices"),
@@ -372,9 +376,6 @@ def check_recipe(r, cfg):
     for name, ok, expected in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(r, name)}: expected {expected}")
-    if not r.t5 and cfg.txt_dim != TINY_T5["d_model"]:
-        raise UsageError(f"--t5: the {r.model} model reads {cfg.txt_dim}-wide FLAN-T5 features; give --t5 DIR, a "
-                         "Hugging Face FLAN-T5 folder (google/flan-t5-large)")
     if r.init_from and not os.path.exists(r.init_from):
         raise UsageError(f"--init-from {r.init_from}: no such file or directory")
 
@@ -489,11 +490,11 @@ def stop_requests():
 
 
 def main(argv=None):
-    stop = stop_requests()
     args, r = parse_args(argv)
     if args.distributed:  # peers found by themselves on TPU pods and SLURM; elsewhere from the environment
         env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
         jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
+    stop = stop_requests()  # after initialize(), whose preemption notifier takes SIGTERM for itself
     run, first = args.out, jax.process_index() == 0
     cfg, r, text_encoder, captions, complete, init = prepare_run(run, r, args.fit_text_length)
     t5cfg, t5_params, tokenizer = text_encoder
@@ -526,8 +527,7 @@ def main(argv=None):
     if first:
         print("\n".join([line, *warnings]), file=sys.stderr)
 
-    prompts = data.SYNTHETIC_PROMPTS if not r.data else list(
-        np.random.default_rng(r.seed).choice(sorted(set(captions)), min(GRID_PROMPTS, distinct), replace=False))
+    prompts = grid_prompts(r, captions)
     ids, mask = tokenizer.encode(prompts, r.text_length)
     grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
             "noise": sample.initial_noise(jax.random.split(rng(r.seed, "grid"), len(prompts)), cfg, r.noise_scale)}
@@ -598,6 +598,14 @@ def log_step(log, bar, metrics, done, clock, r, loader):
     bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}")
     write_log(log, m)
     return now, done
+
+
+def grid_prompts(r, captions):
+    """The grids' prompts: the shapes' own for the built-in data, else a few of the run's distinct captions."""
+    if not r.data:
+        return data.SYNTHETIC_PROMPTS
+    distinct = sorted(set(captions))
+    return list(np.random.default_rng(r.seed).choice(distinct, min(GRID_PROMPTS, len(distinct)), replace=False))
 
 
 def save_grid(run, done, params, cfg, grid, r):

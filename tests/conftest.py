@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -16,6 +17,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (after the environment it reads at import)
+import numpy as np  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -32,3 +34,37 @@ def compiles():
         yield names
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# A user's own folder, as they arrive with it: no shapes, words the synthetic captions never use, mixed sizes,
+# aspect ratios and formats, captions as .txt, .caption and .json beside the images.
+USER_CAPTIONS = ["a sunset sky fading from tangerine into violet", "zebra stripes standing upright, ink on paper",
+                 "a chessboard of moss and bark squares", "moonlight spilling over a midnight ocean"]
+
+
+def user_image(i, width, height):
+    """uint8 [height, width, 3] picture number i of USER_CAPTIONS, drawn at any size."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    if i == 0:  # horizontal gradient, orange to violet
+        rgb = np.stack([250 - 110 * x, 150 - 110 * x, 40 + 180 * x], -1)
+    elif i == 1:  # vertical stripes
+        rgb = np.repeat(((x * 8).astype(int) % 2 * 230 + 15)[..., None], 3, -1)
+    elif i == 2:  # checkerboard, green and brown
+        cell = ((x * 4).astype(int) + (y * 4).astype(int)) % 2
+        rgb = np.where(cell[..., None], [60, 140, 50], [120, 80, 40])
+    else:  # dark blue, a bright band of light across the middle
+        glow = np.exp(-((y - 0.5 * height / max(width, height)) * 8) ** 2)
+        rgb = np.stack([20 + 200 * glow, 30 + 200 * glow, 90 + 150 * glow], -1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def write_user_folder(folder, sizes=((48, 30), (22, 40), (14, 14), (64, 28))):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, ((w, h), caption) in enumerate(zip(sizes, USER_CAPTIONS)):
+        Image.fromarray(user_image(i, w, h)).save(os.path.join(folder, f"img{i}.{'jpg' if i % 2 else 'png'}"), quality=95)
+        ext = ("txt", "caption", "json", "txt")[i]
+        with open(os.path.join(folder, f"img{i}.{ext}"), "w") as f:
+            f.write(json.dumps({"caption": caption}) if ext == "json" else caption + "\n")
+    return str(folder)

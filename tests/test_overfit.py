@@ -2,18 +2,21 @@
 
 A small MM-JiT learns four captioned images through train.py's own jitted step (caption drop and all).
 Then each caption, sampled from fresh noise, must give back its own image, and swapping the captions must
-swap the images: the only thing telling the four apart is the text.
+swap the images: the only thing telling the four apart is the text. Twice: on the built-in shapes, and on a
+user's folder (other pictures, sizes and formats, captions in words the shapes never use) read by data.py,
+with the tokenizer fitted to that folder's captions as train.py fits it.
 """
 import functools
 
 import jax
 import numpy as np
+import pytest
 
 import data
 import model
 import sample
 import train
-from conftest import compiles
+from conftest import USER_CAPTIONS, compiles, write_user_folder
 
 SCENES = [data.Scene("circle", "red", "white"), data.Scene("square", "blue", "black", 1, "left"),
           data.Scene("triangle", "yellow", "gray", 1, "top"), data.Scene("circle", "green", "blue", 2)]
@@ -25,13 +28,21 @@ def psnr(a, b):
     return float(10 * np.log10(4.0 / np.mean((np.clip(a, -1, 1) - b) ** 2)))
 
 
-def test_tiny_overfit(tmp_path):
+@pytest.mark.parametrize("dataset", ["shapes", "user folder"])
+def test_tiny_overfit(tmp_path, dataset):
     cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=128, hidden_size=128, depth=2, txt_preamble_depth=1,
                             num_heads=2, head_dim=64, pca_channels=16)
-    train.make_tiny_text_encoder(str(tmp_path / "t5"), data.synthetic_captions(), seed=0)
+    source = "synthetic" if dataset == "shapes" else write_user_folder(tmp_path / "pictures")
+    train.make_tiny_text_encoder(str(tmp_path / "t5"), data.read_captions([source])[0], seed=0)
     t5cfg, t5_params, tokenizer = sample.load_text_encoder(str(tmp_path / "t5"), cfg)
-    captions = [data.describe(s) for s in SCENES]
-    images = np.stack([data.render_scene(s, cfg.image_size) for s in SCENES])  # [4, 16, 16, 3]
+    if dataset == "shapes":
+        captions = [data.describe(s) for s in SCENES]
+        images = np.stack([data.render_scene(s, cfg.image_size) for s in SCENES])  # [4, 16, 16, 3]
+    else:  # the folder's four samples, as the loader delivers them
+        with data.Loader([source], cfg.image_size, 4, tokenizer, 12) as loader:
+            batch = next(loader)
+        captions, images = batch["captions"], batch["images"]
+        assert sorted(captions) == sorted(USER_CAPTIONS)
     ids, mask = tokenizer.encode(captions, 12)
     batch = {"images": np.tile(images, (4, 1, 1, 1)), "ids": np.tile(ids, (4, 1)), "mask": np.tile(mask, (4, 1))}
 

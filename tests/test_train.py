@@ -193,17 +193,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_two_hosts_on_loopback(tmp_path):
     """Two processes, one CPU device each, joined by jax.distributed over loopback (gloo collectives): each
-    feeds half of the global batch, process 0 writes the arrays, each process its own data position."""
+    feeds half of the global batch, process 0 writes the arrays, each process its own data position. SIGTERM
+    reaches only process 1, as a preemption notice may: both must stop after the same step and save it."""
     run, port = str(tmp_path / "run"), 20000 + os.getpid() % 20000
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SMALL, "--out", run, "--steps", "2",
-                               "--ckpt-every", "2", "--distributed"], cwd=ROOT, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SMALL, "--out", run, "--steps", "10000",
+                               "--ckpt-every", "10000", "--distributed"], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE,
                               env=os.environ | {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_NUM_PROCESSES": "2",
                                                 "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)})
              for i in range(2)]
+    log, deadline = os.path.join(run, "log.jsonl"), time.time() + 180
+    while time.time() < deadline and not (os.path.exists(log) and read_log(run)):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
     for proc in procs:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err.decode()[-3000:]
-    assert [m["step"] for m in read_log(run)] == [1, 2]
-    ckpt = os.path.join(run, "checkpoints", "step_00000002")
+    assert b"stopped at step" in err
+    steps = [m["step"] for m in read_log(run)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 10000
+    ckpt = os.path.join(run, "checkpoints", f"step_{steps[-1]:08d}")
     assert {"data_0.json", "data_1.json", "params.safetensors", "state.json"} <= set(os.listdir(ckpt))

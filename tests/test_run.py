@@ -1,0 +1,255 @@
+"""train.py and sample.py as a user meets them: every flag does what it says, every mistake is refused before
+anything is written, an interrupt at any moment leaves nothing or a run that resumes, and the text encoder reads
+the run's own captions. The data is a user's folder (conftest.write_user_folder), not the built-in shapes."""
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import model
+import sample
+import train
+from conftest import FIXTURES, ROOT, SMALL_RUN, USER_CAPTIONS, write_user_folder
+
+TRAIN = [sys.executable, os.path.join(ROOT, "train.py")]
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_user_folder(tmp_path_factory.mktemp("user") / "my pictures")
+
+
+@pytest.fixture(scope="module")
+def user_run(folder, tmp_path_factory):
+    """Two steps on the user's folder with flags that each leave a trace."""
+    run = str(tmp_path_factory.mktemp("runs") / "mine")
+    train.main(SMALL_RUN + ["--data", folder, "--out", run, "--steps", "2", "--ckpt-every", "1", "--keep", "1",
+                            "--warmup", "0", "--lr", "2e-3", "--noise-scale", "1", "--sample-every", "2"])
+    return run
+
+
+# ----------------------------------------------------------------------------- flags that work
+
+def test_each_flag_leaves_its_trace(user_run):
+    log = read_log(user_run)
+    steps = [m for m in log if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["lr"] == pytest.approx(2e-3, rel=1e-6) for m in steps)  # --warmup 0: the full rate at once
+    assert os.listdir(os.path.join(user_run, "checkpoints")) == ["step_00000002"]  # --ckpt-every 1 --keep 1
+    assert os.listdir(os.path.join(user_run, "samples")) == ["step_000002.png"]  # --sample-every 2
+    assert sample.read_json(os.path.join(user_run, "config.json"))["recipe"]["noise_scale"] == 1
+    # The start-up line: the tokenizer was fitted to these captions, and four distinct captions pay to encode once.
+    text = log[0]["text"]
+    assert text.startswith("text: 4 captions read, 0.00% of pieces unknown, 0.0% cut at 12 tokens") and \
+        "encoded once for 4 distinct captions" in text
+    # The summary, once each: 8 samples over two passes of a folder of 4, one of them smaller than 16 px.
+    assert log[-1]["data"] == "data: 8 samples used; 0 skipped; 1 images upscaled to 16 px; 0 captions cut at 12 tokens"
+
+
+def test_grids_of_a_data_run_show_its_captions(folder):
+    r = train.Recipe(data=(folder,))
+    assert sorted(train.grid_prompts(r, data.read_captions([folder])[0])) == sorted(USER_CAPTIONS)
+    assert train.grid_prompts(train.Recipe(), data.synthetic_captions()) == data.SYNTHETIC_PROMPTS
+
+
+def test_data_without_out_gets_its_own_run_directory():
+    assert train.parse_args([])[0].out == os.path.join("runs", "tiny")
+    assert train.parse_args(["--data", "/home/me/my pictures/"])[0].out == os.path.join("runs", "tiny-my_pictures")
+    assert train.parse_args(["--data", "pets.jsonl:2"])[0].out == os.path.join("runs", "tiny-pets")
+
+
+def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
+    """Two copies of a run that differ only in noise_scale sample different images from one seed."""
+    other = str(tmp_path / "other")
+    shutil.copytree(user_run, other)
+    config = sample.read_json(os.path.join(other, "config.json"))
+    config["recipe"]["noise_scale"] = 2.0
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(config, f)
+    os.remove(os.path.join(other, "checkpoints", "step_00000002", "config.json"))  # so the run's config is read
+    images = {}
+    for run in (user_run, other):
+        out = str(tmp_path / f"{os.path.basename(run)}.png")
+        sample.main(["--ckpt", run, "--prompt", USER_CAPTIONS[0], "--n", "1", "--steps", "2", "--out-dir", out])
+        with Image.open(os.path.join(out, "0000_0.png")) as im:
+            images[run] = np.asarray(im, np.int32)
+            assert im.text["guidance"] == "3.0"  # the run's recipe guidance by default
+    # A run of two steps barely reads its input, so the pixels move by little; with one noise scale they would
+    # be bit-identical (same seed, same program: test_sample.test_cli_end_to_end).
+    assert (images[user_run] != images[other]).any()
+
+
+# ----------------------------------------------------------------------------- mistakes refused up front
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "30"], "--image-size 30: expected a positive multiple of the patch size 4"),
+    (["--batch-size", "0"], "--batch-size 0: expected a positive multiple of the"),
+    (["--log-every", "0"], "--log-every 0: expected at least 1"),
+    (["--ckpt-every", "0"], "--ckpt-every 0: expected at least 1"),
+    (["--keep", "0"], "--keep 0: expected at least 1"),
+    (["--steps", "0"], "--steps 0: expected at least 1"),
+    (["--steps", "-5"], "--steps -5: expected at least 1"),
+    (["--warmup", "-1"], "--warmup -1: expected 0 or more"),
+    (["--precision", "float16"], "--precision float16: expected float32 or bfloat16"),
+    (["--preset", "b32-pretrain"], "the B/32 model reads 1024-wide FLAN-T5 features; give --t5 DIR"),
+    (["--data", "/no/such/path"], "--data /no/such/path: no such file or directory"),
+    (["--data", "EMPTY"], "no images found"),
+    (["--data", "NO_CAPTIONS"], "not one readable caption"),
+    (["--init-from", "/no/such/run"], "--init-from /no/such/run: no such file or directory"),
+    (["--preset", "nonsense"], "--preset nonsense: unknown"),
+])
+def test_startup_mistakes_write_nothing(tmp_path, flags, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "nocap").mkdir()
+    (tmp_path / "nocap" / "a.png").write_bytes(b"")
+    (tmp_path / "nocap" / "a.txt").write_text("   ")
+    flags = [{"EMPTY": str(tmp_path / "empty"), "NO_CAPTIONS": str(tmp_path / "nocap")}.get(f, f) for f in flags]
+    with pytest.raises(train.UsageError, match=message):
+        train.main(SMALL_RUN + ["--out", str(tmp_path / "run")] + flags)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "nocap"]  # no run directory, no RUN.partial
+
+
+def test_a_mistake_is_one_line_and_exit_2_from_the_shell(tmp_path):
+    proc = subprocess.run(TRAIN + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"train.py: error: --data {tmp_path / 'nowhere'}: no such file or directory")
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_directory_of_another_run_or_finished(user_run, folder):
+    config = open(os.path.join(user_run, "config.json")).read()
+    same = SMALL_RUN + ["--data", folder, "--out", user_run, "--keep", "1", "--warmup", "0", "--noise-scale", "1"]
+    with pytest.raises(train.UsageError, match=r"holds another run \(lr 0.002 -> 0.001; seed 0 -> 3\): give the same"):
+        train.main(same + ["--lr", "1e-3", "--seed", "3"])
+    with pytest.raises(train.UsageError, match="is finished .2 of --steps 2.: give a larger --steps"):
+        train.main(same + ["--lr", "2e-3", "--steps", "2"])
+    assert open(os.path.join(user_run, "config.json")).read() == config
+
+
+# ----------------------------------------------------------------------------- runs that go on
+
+def test_fine_tuning_starts_from_the_source_weights(user_run, tmp_path):
+    """--init-from takes the source's EMA weights (a learning rate of 1e-12 leaves them where they are)."""
+    tuned = str(tmp_path / "tuned")
+    train.main(SMALL_RUN + ["--out", tuned, "--init-from", user_run, "--steps", "1", "--lr", "1e-12", "--warmup", "0"])
+    source = model.read_safetensors(os.path.join(sample.latest_checkpoint(user_run), "ema.safetensors"))
+    after = model.read_safetensors(os.path.join(sample.latest_checkpoint(tuned), "params.safetensors"))
+    for k, v in source.items():
+        np.testing.assert_allclose(after[k], v, atol=1e-9)
+    assert np.abs(source["final_layer.linear.weight"]).max() > 0  # trained, so not a fresh initialisation
+
+
+def test_a_torn_log_line_does_not_stop_a_resume(tmp_path):
+    run = str(tmp_path / "run")
+    train.main(SMALL_RUN + ["--out", run, "--steps", "1", "--ckpt-every", "1"])
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"step": 2, "loss": 0.5, "gra')  # killed while writing
+    train.main(SMALL_RUN + ["--out", run, "--steps", "2", "--ckpt-every", "1"])
+    assert [m["step"] for m in read_log(run) if "loss" in m] == [1, 2]
+
+
+def test_interrupts_during_start_up_leave_a_run_that_resumes(tmp_path):
+    """Ctrl-C while the run directory is being made: once finishes start-up, saves and exits 0; twice quits at
+    once. Either way the same command then trains."""
+    for presses in (2, 1):
+        run = str(tmp_path / f"run{presses}")
+        proc = subprocess.Popen(TRAIN + SMALL_RUN + ["--out", run, "--steps", "3"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(run + ".partial") or os.path.exists(run)):
+            time.sleep(0.02)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == (0 if presses == 1 else 128 + signal.SIGINT), err.decode()[-2000:]
+        assert b"Traceback" not in err
+        again = subprocess.run(TRAIN + SMALL_RUN + ["--out", run, "--steps", "3"], cwd=ROOT, capture_output=True,
+                               timeout=180)
+        assert again.returncode == 0, again.stderr.decode()[-2000:]
+        assert [m["step"] for m in read_log(run) if "loss" in m][-1] == 3
+        assert not os.path.exists(run + ".partial")
+
+
+# ----------------------------------------------------------------------------- the text encoder
+
+def test_fitted_tokenizer_knows_every_word_and_spells_new_ones(tmp_path):
+    captions = data.read_captions([write_user_folder(tmp_path / "pics")])[0] + data.synthetic_captions()
+    train.make_tiny_text_encoder(str(tmp_path / "t5"), captions, seed=0)
+    tok = model.Tokenizer(str(tmp_path / "t5" / "spiece.model"))
+    pieces = lambda text: [tok.sp.id_to_piece(i) for i in tok.sp.encode(text)]
+    for word in {w.strip(",") for c in captions for w in c.split()}:  # each word of the data: known pieces
+        assert all(p != "<unk>" and not p.startswith("<0x") for p in pieces(word)), (word, pieces(word))
+    assert pieces("zebra")[0] == "▁zebra" and pieces("Zebra") == pieces("zebra")  # whole, case folded
+    new = pieces("quokka")  # never seen: spelt, not one shared unknown piece
+    assert "<unk>" not in new and any(p.startswith("<0x") or len(p.strip("▁")) < 6 for p in new) and len(new) > 1
+    assert tok.coverage(["a quokka on a glacier"], 16)["unknown"] == 0
+    assert 300 < tok.vocab_size < 8192  # follows the data: 256 bytes, the words and their parts
+
+
+def test_coverage_numbers_on_a_crafted_set():
+    tok = model.Tokenizer(os.path.join(FIXTURES, "tokenizer_tiny", "spiece.model"))  # no byte fallback
+    # "a red circle": 6 pieces + </s> = 7 tokens; "a 猫 on a mat": 9 pieces, one of them <unk>, + </s> = 10
+    assert tok.coverage(["a red circle", "a 猫 on a mat"], 8) == {"captions": 2, "unknown": 1 / 15, "cut": 0.5,
+                                                                   "median_tokens": 8.5}
+    r = train.Recipe(text_length=8)
+    line, warnings, _ = train.text_report(tok, ["a red circle", "a 猫 on a mat"], r, None)
+    assert line == ("text: 2 captions read, 6.67% of pieces unknown, 50.0% cut at 8 tokens, median 8 tokens; "
+                    "T5 features encoded in every step")  # median 8.5 printed to the even 8
+    assert len(warnings) == 2 and "unknown" in warnings[0] and "--text-length 8; 9 would hold 99%" in warnings[1]
+    assert train.fitted_text_length(tok, ["a red circle"]) == 16  # at least 16
+    assert train.fitted_text_length(tok, ["a b c d e f g h i j k"] * 99 + ["short"]) == 24  # 22 tokens -> 24
+
+
+def test_encode_once_equals_encoding_in_the_step():
+    """The same update from a batch of token ids (T5 inside the step) and from the encode-once table."""
+    cfg = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=32, hidden_size=32, depth=1, txt_preamble_depth=1,
+                            num_heads=2, head_dim=16, pca_channels=8)
+    t5cfg = model.T5Config(vocab_size=80, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
+    t5 = model.init_t5(jax.random.key(1), t5cfg)
+    tok = model.Tokenizer(os.path.join(FIXTURES, "tokenizer_tiny", "spiece.model"))
+    captions = ["a red circle", "a cat", "a red circle", "x"]
+    r = train.Recipe(batch_size=4, lr=1e-2, warmup=0)
+    init = functools.partial(train.init_state, cfg=cfg)
+    step, shardings, batch_sharding = train.make_train_step(train.make_mesh(jax.devices()), jax.eval_shape(
+        init, jax.random.key(0)), t5, cfg, t5cfg, r)
+    ids, mask = tok.encode(captions, 12)
+    host = {"images": np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32), "ids": ids,
+            "mask": mask, "captions": captions}
+    features = train.encode_once((t5cfg, t5, tok), captions, 12, jnp.float32)
+    assert len(features[0]) == 3 and features[1].shape == (3, 7, 32)  # distinct captions; the longest is 7 tokens
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        for name, table in (("in the step", None), ("once", features)):
+            state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+            state, metrics = step(state, t5, train.device_batch(host, batch_sharding, table, []))
+            out[name] = (float(metrics["loss"]), state["params"])
+    # The encoder sees 7 instead of 12 positions (masked keys: the same features up to float rounding, ~1e-7).
+    np.testing.assert_allclose(out["once"][0], out["in the step"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out["once"][1]), jax.tree.leaves(out["in the step"][1])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fixtures_live_in_the_repository():
+    """A fresh clone has no ../shared beside it: the golden files the tests read are in tests/fixtures."""
+    assert os.path.commonpath([FIXTURES, ROOT]) == ROOT
+    for name in ("mmjit_tiny/io.npz", "mmjit_tiny/diffusion_pytorch_model.safetensors", "t5_tiny/io.npz",
+                 "tokenizer_tiny/spiece.model", "tokenizer_tiny/tokens.json", "param_counts.json"):
+        assert os.path.isfile(os.path.join(FIXTURES, name)), name
