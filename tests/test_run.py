@@ -253,3 +253,39 @@ def test_fixtures_live_in_the_repository():
     for name in ("mmjit_tiny/io.npz", "mmjit_tiny/diffusion_pytorch_model.safetensors", "t5_tiny/io.npz",
                  "tokenizer_tiny/spiece.model", "tokenizer_tiny/tokens.json", "param_counts.json"):
         assert os.path.isfile(os.path.join(FIXTURES, name)), name
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+def test_sample_says_what_it_did_and_what_it_could_not_read(user_run, tmp_path, capsys):
+    long = " ".join(["a very long prompt"] * 10)  # 40 words: more than the run's 12 tokens
+    out = str(tmp_path / "grid.png")
+    sample.main(["--ckpt", user_run, "--prompt", long, "--prompt", USER_CAPTIONS[1], "--n", "1", "--steps", "1",
+                 "--out", out])
+    err = capsys.readouterr().err.splitlines()
+    n = model.Tokenizer(os.path.join(user_run, "t5", "spiece.model")).lengths([long])[0]
+    assert n > 12 and [line for line in err if "warning" in line] == [
+        f"sample.py: warning: prompt 1 {long[:57] + '...'!r} is {n} tokens, cut to the model's 12"]
+    assert err[-1] == f"sample.py: wrote {out}" and os.path.isfile(out)
+
+
+def test_sample_warns_of_unknown_pieces(tmp_path, capsys):
+    """A tokenizer without byte fallback (the fixture's) reads 猫 as <unk>: the prompt is named."""
+    t5 = str(tmp_path / "t5")
+    t5cfg = model.T5Config(vocab_size=96, d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1)
+    model.save_t5(t5, t5cfg, model.init_t5(jax.random.key(0), t5cfg))
+    shutil.copy(os.path.join(FIXTURES, "tokenizer_tiny", "spiece.model"), t5)
+    sample.main(["--ckpt", os.path.join(FIXTURES, "mmjit_tiny"), "--t5", t5, "--prompt", "a 猫 on a mat",
+                 "--n", "1", "--steps", "1", "--out", str(tmp_path / "g.png")])
+    assert "sample.py: warning: prompt 1 'a 猫 on a mat' has words the tokenizer reads as <unk>" in capsys.readouterr().err
+
+
+def test_a_checkpoint_copied_out_of_its_run(user_run, tmp_path, capsys):
+    lone = str(tmp_path / "lone")
+    shutil.copytree(sample.latest_checkpoint(user_run), lone)
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--ckpt", lone, "--prompt", "x"])
+    assert exit.value.code == 2 and "comes without its text encoder" in capsys.readouterr().err
+    sample.main(["--ckpt", lone, "--t5", os.path.join(user_run, "t5"), "--prompt", "x", "--n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "g.png")])
+    assert os.path.isfile(tmp_path / "g.png")
