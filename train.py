@@ -400,56 +400,56 @@ def check_resume(run, config, r):
                          "further, or another --out for a new run")
 
 
+def checked(what, fn, *args):
+    """fn(*args), an OSError or ValueError of it reported as one line about `what`."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}{' '.join(str(e).split())}") from None
+
+
 def prepare_run(run, r, fit_text_length):
     """Check everything, then make the run directory, or reopen this same run. Nothing is written before the
     checks pass, and a new run is built in RUN.partial and renamed into place: an interrupt at any moment
     leaves nothing or a run that resumes. Returns the model config, the recipe with its text length, the text
-    encoder, the captions read and whether they are all of them."""
+    encoder, the captions read, whether they are all of them, and the weights to fine-tune from."""
     cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size)
     check_recipe(r, cfg)
-    try:
-        captions, complete = data.read_captions(list(r.data), r.seed)
-    except ValueError as e:
-        raise UsageError(e) from None
+    captions, complete = checked("", data.read_captions, list(r.data), r.seed)  # its errors name the --data
     resume = os.path.isfile(os.path.join(run, "config.json"))
     if not resume and os.path.exists(run) and os.listdir(run):
         raise UsageError(f"--out {run}: exists and is not a train.py run (no config.json)")
-    partial, first = os.path.normpath(run) + ".partial", jax.process_index() == 0
-    t5_path = os.path.abspath(r.t5) if r.t5 else os.path.join(run if resume else partial, "t5")
+    folder, first = run if resume else os.path.normpath(run) + ".partial", jax.process_index() == 0
+    t5_path = os.path.abspath(r.t5) if r.t5 else os.path.join(folder, "t5")
     if first and not resume:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a second Ctrl-C
+        shutil.rmtree(folder, ignore_errors=True)  # left by a second Ctrl-C
         if not r.t5:
             make_tiny_text_encoder(t5_path, captions, r.seed)
     multihost_utils.sync_global_devices("text encoder ready")
     try:
-        text_encoder = sample.load_text_encoder(t5_path, cfg)
-    except (OSError, ValueError) as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise UsageError(f"--t5 {t5_path}: not a usable T5 folder ({' '.join(str(e).split())})") from None
-    if fit_text_length:
-        r = dataclasses.replace(r, text_length=fitted_text_length(text_encoder[2], captions))
-    config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5", "text_length": r.text_length,
-              "recipe": dataclasses.asdict(r)}
-    if resume:
-        check_resume(run, config, r)
-    init = None
-    if r.init_from and not resume:
-        try:
-            init = load_init_weights(r.init_from, cfg)
-        except (OSError, ValueError) as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise UsageError(f"--init-from {r.init_from}: {e}") from None
+        text_encoder = checked(f"--t5 {t5_path}: not a usable T5 folder: ", sample.load_text_encoder, t5_path, cfg)
+        if fit_text_length:
+            r = dataclasses.replace(r, text_length=fitted_text_length(text_encoder[2], captions))
+        config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5", "text_length": r.text_length,
+                  "recipe": dataclasses.asdict(r)}
+        if resume:
+            check_resume(run, config, r)
+        init = checked(f"--init-from {r.init_from}: ", load_init_weights, r.init_from, cfg) \
+            if r.init_from and not resume else None
+    except UsageError:
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     multihost_utils.sync_global_devices("checks done")  # every process has read RUN.partial before it moves
     if first:
-        os.makedirs(partial if not resume else run, exist_ok=True)
-        path = os.path.join(partial if not resume else run, "config.json")
-        with open(path + ".tmp", "w") as f:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json.tmp"), "w") as f:
             json.dump(config, f, indent=1)
-        os.replace(path + ".tmp", path)
+        os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
         if not resume:
             shutil.rmtree(run, ignore_errors=True)  # an empty folder the user made
             os.makedirs(os.path.dirname(os.path.abspath(run)), exist_ok=True)
-            os.replace(partial, run)
+            os.replace(folder, run)
     multihost_utils.sync_global_devices("run directory ready")
     return cfg, r, text_encoder, captions, complete, init
 
