@@ -55,8 +55,8 @@ class Recipe:
     data: tuple = field((), "SOURCE[:WEIGHT], repeatable: .tar shards, a brace pattern of them, an image folder, "
                             "a .jsonl manifest or 'synthetic' (the default: built-in captioned shapes)")
     caption_drop: float = field(0.1, "share of captions dropped (all mask_token) for classifier-free guidance")
-    t_mu: float = field(-0.8, "t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
-    t_sigma: float = field(0.8, "see --t-mu")
+    t_mu: float = field(-0.8, "centre of the logit-normal t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
+    t_sigma: float = field(0.8, "spread of the logit-normal t (see --t-mu)")
     noise_scale: float = field(2.0, "x at t = 0 is noise_scale N(0, I), in training and in sampling")
     a_min: float = field(0.01, "the v-loss divides by max(1 - t, a_min)")
     precision: str = field("float32", "denoiser compute dtype, float32 or bfloat16 (weights, optimiser and "
@@ -332,7 +332,8 @@ def parse_args(argv):
                         help="jax.distributed.initialize(): automatic on TPU pods and SLURM, else set "
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
     for f in dataclasses.fields(Recipe):
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (tiny: {f.default or 'none'})"
+        default = {(): "synthetic", "": "none"}.get(f.default, f.default)
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (tiny: {default})"
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif f.type is tuple:

@@ -299,3 +299,21 @@ def test_a_given_t5_folder_is_used_where_it_is(user_run, tmp_path, capsys):
     assert sample.read_json(os.path.join(run, "config.json"))["t5"] == os.path.abspath(t5)
     assert not os.path.exists(os.path.join(run, "t5")) and not os.path.exists(run + ".partial")
     assert "text: 414 captions read, 0.00% of pieces unknown" in capsys.readouterr().err
+
+
+def test_random_streams_share_no_bits():
+    """Initialisation, step noise, grid noise and the T5 draw from one seed, none from another's key (seed 0's
+    initialisation once started from the same bits as the grid's first image)."""
+    draws = {s: np.asarray(jax.random.normal(train.rng(0, s), (8,))) for s in train.STREAMS}
+    assert len({d.tobytes() for d in draws.values()}) == len(train.STREAMS)
+    assert not any((draws[s] == np.asarray(jax.random.normal(jax.random.key(k), (8,)))).any()
+                   for s in train.STREAMS for k in range(8))  # nor with sample.py's per-image seeds
+
+
+def test_every_flag_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in train.dataclasses.fields(train.Recipe):
+        help = " ".join(f.metadata["help"].replace("%%", "%").split())
+        assert f"--{f.name.replace('_', '-')}" in text and help[:40] in text and len(help) > 10, f.name
