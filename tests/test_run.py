@@ -32,7 +32,17 @@ def read_log(run):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_user_folder(tmp_path_factory.mktemp("user") / "my pictures")
+    """The user's four pictures, and two samples that cannot be used: a caption that is not UTF-8 and a JPEG cut
+    short (its caption is fine: it is read at start-up, and the image fails when the loader decodes it)."""
+    folder = write_user_folder(tmp_path_factory.mktemp("user") / "my pictures")
+    shutil.copy(os.path.join(folder, "img0.png"), os.path.join(folder, "latin1.png"))
+    with open(os.path.join(folder, "latin1.txt"), "wb") as f:
+        f.write("un caf\xe9 cr\xe8me".encode("latin-1"))
+    with open(os.path.join(folder, "img1.jpg"), "rb") as f, open(os.path.join(folder, "cut.jpg"), "wb") as g:
+        g.write(f.read()[:200])
+    with open(os.path.join(folder, "cut.txt"), "w") as f:
+        f.write("a photo cut short")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +66,18 @@ def test_each_flag_leaves_its_trace(user_run):
     assert sample.read_json(os.path.join(user_run, "config.json"))["recipe"]["noise_scale"] == 1
     # The start-up line: the tokenizer was fitted to these captions, and four distinct captions pay to encode once.
     text = log[0]["text"]
-    assert text.startswith("text: 4 captions read, 0.00% of pieces unknown, 0.0% cut at 12 tokens") and \
-        "encoded once for 4 distinct captions" in text
-    # The summary, once each: 8 samples over two passes of a folder of 4, one of them smaller than 16 px.
-    assert log[-1]["data"] == "data: 8 samples used; 0 skipped; 1 images upscaled to 16 px; 0 captions cut at 12 tokens"
+    assert text.startswith("text: 5 captions read, 0.00% of pieces unknown, 0.0% cut at 12 tokens") and \
+        "encoded once for 5 distinct captions" in text
+    # The summary, each counted once though met again: 8 samples over two passes of the folder's 4 good ones,
+    # one of them smaller than 16 px, and the 2 bad ones.
+    assert log[-1]["data"] == ("data: 8 samples used; 2 skipped (1 caption not UTF-8, 1 unreadable image); "
+                               "1 images upscaled to 16 px; 0 captions cut at 12 tokens")
+    assert steps[-1]["skipped"] == 2
 
 
 def test_grids_of_a_data_run_show_its_captions(folder):
     r = train.Recipe(data=(folder,))
-    assert sorted(train.grid_prompts(r, data.read_captions([folder])[0])) == sorted(USER_CAPTIONS)
+    assert sorted(train.grid_prompts(r, data.read_captions([folder])[0])) == sorted(USER_CAPTIONS + ["a photo cut short"])
     assert train.grid_prompts(train.Recipe(), data.synthetic_captions()) == data.SYNTHETIC_PROMPTS
 
 
