@@ -229,9 +229,9 @@ def read_caption(sample):
 
 def load_sample(sample, image_size):
     """Sample -> (image, caption, upscaled), reading its files; raises BadSample. Runs on the worker threads."""
-    if sample.image is None and not sample.error:
-        raise BadSample("missing image")
     caption = read_caption(sample)
+    if sample.image is None:
+        raise BadSample("missing image")
     try:
         data = read_part(sample.image)
     except OSError as e:
