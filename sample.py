@@ -3,6 +3,7 @@ Heun steps and classifier-free guidance, then write a captioned grid PNG and, wi
 
     python sample.py --ckpt runs/tiny --prompt "a red circle" --prompt "a blue square" --n 4 --guidance 4
     python sample.py --ckpt MiniT2I-B16 --t5 flan-t5-large --prompts-file geneval.txt --out-dir samples/
+    python sample.py --ckpt runs/tiny --export-diffusers MiniT2I-tiny    # weights only, in the Diffusers layout
 
 --ckpt is a train.py run directory (its latest checkpoint), one of its checkpoints/step_XXXXXXXX folders, or a
 released Diffusers folder; run weights are the EMA ones unless --no-ema. A released folder needs --t5.
@@ -134,6 +135,13 @@ def load_denoiser(path, use_ema=True):
     return cfg, params, None, config.get("prompt_length", RELEASED_TEXT_LENGTH)
 
 
+def export_diffusers(ckpt, out, use_ema=True):
+    """A run's (or checkpoint's) weights as a released-layout Diffusers folder, with the run's text length
+    (prompt_length) and T5 folder (text_encoder) in its config."""
+    cfg, params, t5_path, text_length = load_denoiser(ckpt, use_ema)
+    model.save_diffusers_mmjit(out, cfg, params, text_length, {"text_encoder": t5_path} if t5_path else None)
+
+
 def load_text_encoder(path, cfg):
     """(T5Config, params, Tokenizer) from a Hugging Face T5 folder holding spiece.model."""
     t5cfg, t5params = model.load_t5(path)
@@ -204,8 +212,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch (x2 for guidance)")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
+    parser.add_argument("--export-diffusers", metavar="DIR", help="write the weights as a Diffusers folder instead")
     args = parser.parse_args(argv)
     fail = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
+
+    if args.export_diffusers:  # no sampling, so no prompts
+        try:
+            export_diffusers(args.ckpt, args.export_diffusers, use_ema=not args.no_ema)
+        except (KeyError, OSError, ValueError) as e:
+            fail(f"--export-diffusers: {' '.join(str(e).split())}")
+        return
 
     prompts = list(args.prompt)
     if args.prompts_file:
