@@ -53,6 +53,7 @@ class Recipe:
     precision: str = "float32"  # compute dtype; parameters and optimiser stay float32
     remat: bool = False
     fsdp: bool = False  # shard parameters and optimiser state over the data axis too
+    grad_accum: int = 1  # micro-batches per step, run one after another: the activations of one at a time
     seed: int = 0
     log_every: int = 50
     sample_every: int = 240
@@ -129,16 +130,39 @@ def train_step(state, t5_params, batch, *, cfg, t5cfg, r):
 
 def denoiser_step(state, images, context, mask, *, cfg, r):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
-    run draws exactly what an uninterrupted one would."""
+    run draws exactly what an uninterrupted one would; it draws for the whole batch, so an example's draws do
+    not depend on --grad-accum either."""
     params, step, B = state["params"], state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(jax.random.key(r.seed), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
-    loss, grads = jax.value_and_grad(flow_matching_loss)(
-        params, cfg, images, context, mask, t, noise, r.a_min, jnp.dtype(r.precision), r.remat)
+    loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
+    loss, grads = accumulated_grads(loss_fn, params, (images, context, mask, t, noise), r.grad_accum)
     grad_norm = optax.tree.norm(grads)
     return adamw_ema(state, grads, grad_norm, r), {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step)}
+
+
+def accumulated_grads(loss_fn, params, batch, n):
+    """Mean loss and gradient over the batch, computed as n equal micro-batches one after another (a scan: one
+    compiled body). Micro-batch i holds examples i, i + n, i + 2n, ...: on a batch split over devices along
+    its first axis, each device keeps its own rows, so no data moves."""
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)  # [n, B/n, ...]
+
+    def add(total, xs):
+        return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *xs)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(add, zeros, micro)
+    return jax.tree.map(lambda x: x / n, total)  # equal sizes: the mean of the means is the batch mean
+
+
+def check_grad_accum(r, device_count):
+    """--grad-accum must split each device's share of the batch into equal micro-batches."""
+    per_device = r.batch_size // device_count
+    if r.grad_accum < 1 or per_device % r.grad_accum:
+        raise UsageError(f"--grad-accum {r.grad_accum} must divide the per-device batch ({r.batch_size} over "
+                         f"{device_count} devices = {per_device})")
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -185,27 +209,43 @@ def init_state(key, cfg):
 ARRAYS = ("params", "ema", "mu", "nu")  # the state's trees, one safetensors file each (the step goes in state.json)
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, quota, permissions): reported as one line, exit code 1."""
+
+
 def save_checkpoint(run, state, data_state, keep):
-    """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable.
-    Every process writes its own data position; process 0 writes the arrays (shared filesystem assumed)."""
+    """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable, and so
+    does a failed write, whose temporary directory is removed. Every process writes its own data position;
+    process 0 writes the arrays (shared filesystem assumed)."""
     step = int(state["step"])
     folder = os.path.join(run, "checkpoints")
     tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
     host = multihost_utils.process_allgather({k: state[k] for k in ARRAYS}, tiled=True)
-    if jax.process_index() == 0:
+    path = tmp  # the file being written, for the error message
+    try:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        multihost_utils.sync_global_devices("checkpoint dir")
+        path = os.path.join(tmp, f"data_{jax.process_index()}.json")
+        with open(path, "w") as f:
+            json.dump(data_state, f)
+        if jax.process_index() == 0:
+            for name, tree in host.items():
+                path = os.path.join(tmp, f"{name}.safetensors")
+                model.write_safetensors(path, model.flatten(tree))
+            path = os.path.join(tmp, "state.json")
+            with open(path, "w") as f:
+                json.dump({"step": step}, f)
+        multihost_utils.sync_global_devices("checkpoint written")
+        if jax.process_index() == 0:
+            path = final
+            os.replace(tmp, final)
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    multihost_utils.sync_global_devices("checkpoint dir")
-    with open(os.path.join(tmp, f"data_{jax.process_index()}.json"), "w") as f:
-        json.dump(data_state, f)
+        raise CheckpointError(f"checkpoint of step {step} not saved: {path}: {e.strerror or e}; the previous "
+                              "checkpoint is kept and the same command resumes from it") from None
     if jax.process_index() == 0:
-        for name, tree in host.items():
-            model.write_safetensors(os.path.join(tmp, f"{name}.safetensors"), model.flatten(tree))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step}, f)
-    multihost_utils.sync_global_devices("checkpoint written")
-    if jax.process_index() == 0:
-        os.replace(tmp, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_"))[:-keep]:
             shutil.rmtree(os.path.join(folder, old))
     multihost_utils.sync_global_devices("checkpoint renamed")
@@ -298,6 +338,7 @@ def prepare_run(run, r):
                                  "choose another --out")
     if r.batch_size % jax.device_count():
         raise UsageError(f"--batch-size {r.batch_size} must be a multiple of the {jax.device_count()} devices")
+    check_grad_accum(r, jax.device_count())
     t5_path = os.path.join(run, config["t5"])  # an absolute path stays as it is
     if not r.t5 and jax.process_index() == 0 and not os.path.isdir(t5_path):
         make_tiny_text_encoder(t5_path, r.seed)
@@ -413,3 +454,5 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as e:
+        sys.exit(f"train.py: {e}")
