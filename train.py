@@ -244,7 +244,7 @@ def save_checkpoint(run, state, data_state, keep):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint of step {step} not saved: {path}: {e.strerror or e}; the previous "
-                              "checkpoint is kept and the same command resumes from it") from None
+                              "checkpoint, if any, is kept and the same command resumes from it") from None
     if jax.process_index() == 0:
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_"))[:-keep]:
             shutil.rmtree(os.path.join(folder, old))
