@@ -12,6 +12,7 @@ import os
 import struct
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -145,6 +146,31 @@ def sincos_pos_embed(cfg):
     return np.concatenate([half(cols), half(rows)], axis=-1).astype(np.float32)  # [N, D]
 
 
+def attention_implementation(platform, dtype, head_dim):
+    """cuDNN's fused kernel where it runs (NVIDIA GPUs, bf16/fp16, head size <= 128): it never holds the
+    [T, T] scores in memory (issue 17, one H200: a B/16 512 px step of batch 32 went from 84 to 25 GiB and
+    from 23% to 46% MFU). XLA's materialising path everywhere else (CPU, TPU, float32 parity runs)."""
+    fused = platform == "cuda" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128
+    return "cudnn" if fused else "xla"
+
+
+def padded_attention(q, k, v, scale, implementation):
+    """Attention with the head size padded by zero channels to a multiple of 8 (cuDNN's rule; L/16's 52 -> 56)
+    and the output sliced back. Exact: zero channels add nothing to q.k and come out as zero channels."""
+    Dh = q.shape[-1]
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -Dh % 8)])
+    return jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale, implementation=implementation)[..., :Dh]
+
+
+def attention(q, k, v, scale):
+    """Softmax attention of q, k, v [B, T, H, Dh] through the kernel attention_implementation picks."""
+    platform = jax.extend.backend.get_backend().platform_version  # "cuda ..." on NVIDIA GPUs only
+    platform = "cuda" if "cuda" in platform.lower() else jax.default_backend()
+    if attention_implementation(platform, q.dtype, q.shape[-1]) == "xla":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return padded_attention(q, k, v, scale, "cudnn")
+
+
 def joint_block(p, streams, rope, prefixes, num_heads):
     """Pre-norm attention + SwiGLU over streams that attend jointly to their concatenation.
 
@@ -159,7 +185,7 @@ def joint_block(p, streams, rope, prefixes, num_heads):
         qs.append(qkv[:, :, 0]), ks.append(qkv[:, :, 1]), vs.append(qkv[:, :, 2])
     q = apply_rope(rms_norm(p["q_norm"]["weight"], jnp.concatenate(qs, 1)), rope)  # [B, T, H, Dh]
     k = apply_rope(rms_norm(p["k_norm"]["weight"], jnp.concatenate(ks, 1)), rope)
-    out = jax.nn.dot_product_attention(q, k, jnp.concatenate(vs, 1), scale=q.shape[-1] ** -0.5)
+    out = attention(q, k, jnp.concatenate(vs, 1), q.shape[-1] ** -0.5)
     out = jnp.split(out, np.cumsum([x.shape[1] for x in streams])[:-1], axis=1)
     new = []
     for x, o, s in zip(streams, out, prefixes):
@@ -212,7 +238,8 @@ def mmjit_apply(params, cfg, x, context, mask, dtype=jnp.float32, remat=False):
 def draw(key, spec, dist):
     """Arrays for a tree of (shape, scale) leaves: scale times `dist` noise; zeros for scale 0, ones for None.
     All leaves share one draw, sliced: XLA compiles one random kernel in a fraction of the time of one per
-    tensor (seconds saved at every start-up)."""
+    tensor (measured for tiny: 3 s against 13-17 s). Callers draw a block at a time, so the shared draw is one
+    block's size, not the model's."""
     leaves, tree = jax.tree.flatten(spec, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], tuple))
     noise = dist(key, (sum(math.prod(shape) for shape, scale in leaves if scale),), jnp.float32)
     out, offset = [], 0
@@ -223,6 +250,22 @@ def draw(key, spec, dist):
         out.append(scale * noise[offset:offset + math.prod(shape)].reshape(shape))
         offset += math.prod(shape)
     return jax.tree.unflatten(tree, out)
+
+
+def draw_blocks(key, spec, dist):
+    """draw() over a spec whose lists hold repeated blocks: one draw per block and one for the rest, so that
+    the temporary noise is one block's (L/16: 150 MB), not the whole model's (3.6 GB). Each draw finishes
+    before the next begins (an optimization barrier orders them): left free, XLA's CPU scheduler started
+    every draw first and held all their random bits at once."""
+    is_blocks = lambda x: isinstance(x, list)
+    parts, tree = jax.tree.flatten(spec, is_leaf=lambda x: is_blocks(x) or isinstance(x, tuple) and isinstance(x[0], tuple))
+    drawn = []
+    for unit in [[p for p in parts if not is_blocks(p)]] + [b for p in parts if is_blocks(p) for b in p]:
+        key, k = jax.random.split(key)
+        out, key = jax.lax.optimization_barrier((draw(k, unit, dist), key))
+        drawn.append(out)
+    rest, blocks = iter(drawn[0]), iter(drawn[1:])
+    return jax.tree.unflatten(tree, [[next(blocks) for _ in p] if is_blocks(p) else next(rest) for p in parts])
 
 
 def init_mmjit(key, cfg):
@@ -245,7 +288,7 @@ def init_mmjit(key, cfg):
 
     qk_norms = lambda: {"q_norm": ones(cfg.head_dim), "k_norm": ones(cfg.head_dim)}
     P, C, pca = cfg.patch_size, cfg.in_channels, cfg.pca_channels
-    params = draw(key, {
+    params = draw_blocks(key, {
         "txt_embedder": dense(cfg.txt_dim, D, bias=False),
         "img_embedder": {
             "proj1": xavier((P, P, C, pca), P * P * C, P * P * pca),
@@ -309,7 +352,7 @@ def init_t5(key, cfg):
         ff = {"wi_0": w((D, cfg.d_ff), D**-0.5), "wi_1": w((D, cfg.d_ff), D**-0.5), "wo": w((cfg.d_ff, D), cfg.d_ff**-0.5)}
         return {"layer": [{"SelfAttention": att} | ln(), {"DenseReluDense": ff} | ln()]}
 
-    return draw(key, {"shared": w((cfg.vocab_size, D), 1.0),
+    return draw_blocks(key, {"shared": w((cfg.vocab_size, D), 1.0),
                       "encoder": {"block": [block(i) for i in range(cfg.num_layers)],
                                   "final_layer_norm": {"weight": ((D,), None)}}}, jax.random.normal)
 
@@ -481,6 +524,31 @@ def diffusers_folder(path):
     return folder, "diffusion_pytorch_model"
 
 
+# The released Diffusers layout against ours, one table for the importer and the exporter. Config: our field
+# names that differ from its keys. Tensors: keys "model.net." + our name; PyTorch's axes as a permutation of
+# ours, by rank (Linear [in, out] -> [out, in], conv HWIO -> OIHW); mask_token [Dt] -> [1, 1, Dt]; and the
+# port's modules that feed nothing (shapes by D and Dt; 256 sinusoid channels), zeros in an export.
+DIFFUSERS_CONFIG_NAMES = {"txt_dim": "txt_input_size", "depth": "depth_double"}
+DIFFUSERS_PREFIX = "model.net."
+TORCH_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+TORCH_SHAPES = {"mask_token": (1, 1, -1)}
+UNUSED_TORCH_MODULES = {"t_embedder.mlp.0.weight": ("D", 256), "t_embedder.mlp.0.bias": ("D",),
+                        "t_embedder.mlp.2.weight": ("D", "D"), "t_embedder.mlp.2.bias": ("D",),
+                        "pooled_embedder.weight": ("D", "Dt")}
+
+
+def to_torch_layout(name, x):
+    if name in TORCH_SHAPES:
+        return x.reshape(TORCH_SHAPES[name])
+    return x.transpose(TORCH_AXES[x.ndim]) if x.ndim in TORCH_AXES else x
+
+
+def from_torch_layout(name, x):
+    if name in TORCH_SHAPES:
+        return x.reshape(-1)
+    return x.transpose(np.argsort(TORCH_AXES[x.ndim])) if x.ndim in TORCH_AXES else x
+
+
 def load_diffusers_mmjit(path):
     """(MMJiTConfig, params) from a released MiniT2I Diffusers `transformer/` folder (or its parent, or the
     safetensors file inside it). Timestep and pooled embedders of that port feed nothing: dropped."""
@@ -488,17 +556,32 @@ def load_diffusers_mmjit(path):
     c = _read_config(folder)
     if c.get("txt_hidden_size", c.get("hidden_size")) != c.get("hidden_size"):
         raise ValueError(f"{folder}/config.json: txt_hidden_size {c['txt_hidden_size']} != hidden_size")
-    names = {"txt_dim": "txt_input_size", "depth": "depth_double"}
+    names = DIFFUSERS_CONFIG_NAMES
     try:
         cfg = MMJiTConfig(**{f.name: c[names.get(f.name, f.name)] for f in dataclasses.fields(MMJiTConfig)})
     except KeyError as e:
         raise ValueError(f"{folder}/config.json: missing key {e.args[0]}") from None
-    flat = {}
-    for k, v in read_weights(folder, stem).items():
-        k = k.removeprefix("model.net.")
-        if k.startswith(("t_embedder.", "pooled_embedder.")):
-            continue
-        # PyTorch layouts -> ours: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO; mask_token [1, 1, Dt] -> [Dt]
-        flat[k] = v.reshape(-1) if k == "mask_token" else v.T if v.ndim == 2 else v.transpose(2, 3, 1, 0) if v.ndim == 4 else v
+    unused = tuple({k.split(".")[0] + "." for k in UNUSED_TORCH_MODULES})
+    flat = {k: from_torch_layout(k, v) for k, v in ((k.removeprefix(DIFFUSERS_PREFIX), v)
+                                                    for k, v in read_weights(folder, stem).items())
+            if not k.startswith(unused)}
     template = jax.eval_shape(functools.partial(init_mmjit, cfg=cfg), jax.random.key(0))
     return cfg, unflatten_like(template, flat, os.path.join(folder, stem + ".safetensors"))
+
+
+def save_diffusers_mmjit(path, cfg, params, prompt_length, extra_config=None):
+    """Write params as a released-layout folder, path/transformer/{config.json, diffusion_pytorch_model
+    .safetensors}, that load_diffusers_mmjit and the PyTorch port read. extra_config: more config keys (the
+    run's text encoder)."""
+    folder = os.path.join(path, "transformer")
+    os.makedirs(folder, exist_ok=True)
+    names = DIFFUSERS_CONFIG_NAMES
+    config = {names.get(k, k): v for k, v in dataclasses.asdict(cfg).items()}
+    config |= {"txt_hidden_size": cfg.hidden_size, "prompt_length": prompt_length} | (extra_config or {})
+    dims = {"D": cfg.hidden_size, "Dt": cfg.txt_dim}
+    flat = {k: to_torch_layout(k, np.asarray(v, np.float32)) for k, v in flatten(params).items()}
+    flat |= {k: np.zeros([dims.get(d, d) for d in shape], np.float32) for k, shape in UNUSED_TORCH_MODULES.items()}
+    write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+                      {DIFFUSERS_PREFIX + k: v for k, v in sorted(flat.items())})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)

@@ -3,6 +3,7 @@ Heun steps and classifier-free guidance, then write a captioned grid PNG and, wi
 
     python sample.py --ckpt runs/tiny --prompt "a red circle" --prompt "a blue square" --n 4 --guidance 4
     python sample.py --ckpt MiniT2I-B16 --t5 flan-t5-large --prompts-file geneval.txt --out-dir samples/
+    python sample.py --ckpt runs/tiny --export-diffusers MiniT2I-tiny    # weights only, in the Diffusers layout
 
 --ckpt is a train.py run directory (its latest checkpoint), one of its checkpoints/step_XXXXXXXX folders, or a
 released Diffusers folder; run weights are the EMA ones unless --no-ema. A released folder needs --t5.
@@ -126,7 +127,10 @@ def load_denoiser(path, use_ema=True):
     if not (is_checkpoint or is_run(path)):
         cfg, params = model.load_diffusers_mmjit(path)
         config = read_json(os.path.join(model.diffusers_folder(path)[0], "config.json"))
-        return cfg, params, RELEASED | {"t5": None, "text_length": config.get("prompt_length", RELEASED["text_length"])}
+        t5 = config.get("text_encoder")  # written by export_diffusers; the released configs do not say
+        return cfg, params, RELEASED | {"t5": t5 if t5 and os.path.isdir(t5) else None,
+                                        "text_length": config.get("prompt_length", RELEASED["text_length"]),
+                                        "noise_scale": config.get("noise_scale", RELEASED["noise_scale"])}
     ckpt = path if is_checkpoint else latest_checkpoint(path)
     run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))  # RUN/checkpoints/step_XXXXXXXX
     config = read_json(os.path.join(ckpt if os.path.isfile(os.path.join(ckpt, "config.json")) else run, "config.json"))
@@ -140,6 +144,16 @@ def load_denoiser(path, use_ema=True):
     recipe = config["recipe"]
     return cfg, params, {"t5": t5 if os.path.isdir(t5) else None, "text_length": config["text_length"],
                          "noise_scale": recipe.get("noise_scale", RELEASED["noise_scale"]), "guidance": recipe["guidance"]}
+
+
+def export_diffusers(ckpt, out, use_ema=True):
+    """A run's (or checkpoint's) weights as a released-layout Diffusers folder, with the run's text length
+    (prompt_length), noise scale and T5 folder (text_encoder) in its config: load_denoiser reads them back."""
+    cfg, params, settings = load_denoiser(ckpt, use_ema)
+    extra = {"noise_scale": settings["noise_scale"]}
+    if settings["t5"]:
+        extra["text_encoder"] = os.path.abspath(settings["t5"])
+    model.save_diffusers_mmjit(out, cfg, params, settings["text_length"], extra)
 
 
 def load_text_encoder(path, cfg):
@@ -213,8 +227,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch, x2 for guidance (default 8)")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
+    parser.add_argument("--export-diffusers", metavar="DIR", help="write the weights as a Diffusers folder instead")
     args = parser.parse_args(argv)
     fail = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
+
+    if args.export_diffusers:  # no sampling, so no prompts
+        try:
+            export_diffusers(args.ckpt, args.export_diffusers, use_ema=not args.no_ema)
+        except (KeyError, OSError, ValueError) as e:
+            fail(f"--export-diffusers: {' '.join(str(e).split())}")
+        return
 
     prompts = list(args.prompt)
     if args.prompts_file:

@@ -63,6 +63,8 @@ class Recipe:
                                       "the frozen T5 stay float32)")
     remat: bool = field(False, "recompute each block's activations in the backward pass (less memory)")
     fsdp: bool = field(False, "shard parameters and optimiser state over the data axis too")
+    grad_accum: int = field(1, "micro-batches per step, run one after another inside it: the same update, "
+                               "the activations of one micro-batch at a time")
     seed: int = field(0, "one seed for initialisation, step noise, sample-grid noise and data order")
     log_every: int = field(50, "steps between lines of log.jsonl")
     sample_every: int = field(240, "steps between sample grids in samples/; 0 = none")
@@ -74,7 +76,8 @@ class Recipe:
 
 
 # Fields that may change when a run is resumed: they do not change what the run computes.
-RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp"}
+RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
+             "grad_accum"}
 PAPER = dict(image_size=512, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
              sample_every=5000, sample_steps=100, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
@@ -152,16 +155,31 @@ def train_step(state, t5_params, batch, *, cfg, t5cfg, r):
 
 def denoiser_step(state, images, context, mask, *, cfg, r):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
-    run draws exactly what an uninterrupted one would."""
+    run draws exactly what an uninterrupted one would; it draws for the whole batch, so an example's draws do
+    not depend on --grad-accum either."""
     params, step, B = state["params"], state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
-    loss, grads = jax.value_and_grad(flow_matching_loss)(
-        params, cfg, images, context, mask, t, noise, r.a_min, jnp.dtype(r.precision), r.remat)
+    loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
+    loss, grads = accumulated_grads(loss_fn, params, (images, context, mask, t, noise), r.grad_accum)
     grad_norm = optax.tree.norm(grads)
     return adamw_ema(state, grads, grad_norm, r), {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step)}
+
+
+def accumulated_grads(loss_fn, params, batch, n):
+    """Mean loss and gradient over the batch, computed as n equal micro-batches one after another (a scan: one
+    compiled body). Micro-batch i holds examples i, i + n, i + 2n, ...: on a batch split over devices along
+    its first axis, each device keeps its own rows, so no data moves."""
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)  # [n, B/n, ...]
+
+    def add(total, xs):
+        return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *xs)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(add, zeros, micro)
+    return jax.tree.map(lambda x: x / n, total)  # equal sizes: the mean of the means is the batch mean
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -209,28 +227,47 @@ def init_state(key, cfg):
 ARRAYS = ("params", "ema", "mu", "nu")  # the state's trees, one safetensors file each (the step goes in state.json)
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, quota, permissions): reported as one line, exit code 1."""
+
+
 def save_checkpoint(run, state, data_state, keep):
-    """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable.
-    Every process writes its own data position; process 0 writes the arrays and a copy of the run's config.json
-    (a step folder copied out of its run still loads; shared filesystem assumed)."""
-    step = int(state["step"])
+    """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable, and so
+    does a failed write (disk full, quota, permissions): its temporary directory is removed and every process
+    raises CheckpointError, none waits for the others for ever. Every process writes its own data position;
+    process 0 the arrays and a copy of config.json, so a step folder copied out of its run still loads (shared
+    filesystem assumed)."""
+    step, first = int(state["step"]), jax.process_index() == 0
     folder = os.path.join(run, "checkpoints")
     tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
     host = multihost_utils.process_allgather({k: state[k] for k in ARRAYS}, tiled=True)
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    multihost_utils.sync_global_devices("checkpoint dir")
-    with open(os.path.join(tmp, f"data_{jax.process_index()}.json"), "w") as f:
-        json.dump(data_state, f)
-    if jax.process_index() == 0:
-        for name, tree in host.items():
-            model.write_safetensors(os.path.join(tmp, f"{name}.safetensors"), model.flatten(tree))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step}, f)
-        shutil.copy(os.path.join(run, "config.json"), tmp)
-    multihost_utils.sync_global_devices("checkpoint written")
-    if jax.process_index() == 0:
+    files = {f"data_{jax.process_index()}.json": data_state}
+    if first:
+        files |= {f"{k}.safetensors": model.flatten(host[k]) for k in ARRAYS} | {"state.json": {"step": step}}
+    error, path = None, tmp
+    try:
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        multihost_utils.sync_global_devices("checkpoint dir")
+        for name, content in files.items():
+            path = os.path.join(tmp, name)
+            if name.endswith(".json"):
+                with open(path, "w") as f:
+                    json.dump(content, f)
+            else:
+                model.write_safetensors(path, content)
+        if first:
+            path = os.path.join(tmp, "config.json")
+            shutil.copy(os.path.join(run, "config.json"), path)
+    except OSError as e:
+        error = f"{path}: {e.strerror or e}"
+    if np.any(multihost_utils.process_allgather(np.int32(error is not None))):  # every process learns of a failure
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint of step {step} not saved: {error or 'another process could not write'}; "
+                              "the previous checkpoint is kept and the same command resumes from it")
+    if first:
         os.replace(tmp, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_"))[:-keep]:
             shutil.rmtree(os.path.join(folder, old))
@@ -373,7 +410,9 @@ def check_recipe(r, cfg):
              ("caption_drop", 0 <= r.caption_drop < 1, "in [0, 1)"), ("noise_scale", r.noise_scale > 0, "positive"),
              ("a_min", 0 < r.a_min < 1, "in (0, 1)"), ("t_sigma", r.t_sigma > 0, "positive"),
              ("clip", r.clip >= 0, "0 (off) or more"), ("guidance", r.guidance >= 0, "0 or more"),
-             ("precision", r.precision in ("float32", "bfloat16"), "float32 or bfloat16")]
+             ("precision", r.precision in ("float32", "bfloat16"), "float32 or bfloat16"),
+             ("grad_accum", r.grad_accum >= 1 and r.batch_size // n % r.grad_accum == 0,
+              f"a divisor of the per-device batch ({r.batch_size} over {n} devices = {r.batch_size // n})")]
     for name, ok, expected in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(r, name)}: expected {expected}")
@@ -623,3 +662,5 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as e:
+        sys.exit(f"train.py: {e}")

@@ -1,6 +1,7 @@
 """Speed against the hardware limit: run as a script (pytest does not collect it), one JSON line a figure.
 
-    python tests/bench.py                      # the CPU config: B width, 4 blocks, 128 px, batch 8, float32
+    python tests/bench.py                      # the CPU config: B width, 4 blocks, 128 px, batch 8, float32 (~3 min)
+    python tests/bench.py --repeats 5 --inner 3 --sample-steps 100   # the long form, as the README's figures
     python tests/bench.py --preset B/16 --image-size 512 --text-length 256 --batch-size 64 --precision bfloat16
 
 Model FLOPs are counted analytically (flops_per_image); a train step is 3x the forward (backward = 2x),
@@ -101,7 +102,8 @@ def report(**fields):
 
 
 def bench_train(cfg, args):
-    r = train.Recipe(batch_size=args.batch_size, precision=args.precision, remat=args.remat, fsdp=args.fsdp)
+    r = train.Recipe(batch_size=args.batch_size, precision=args.precision, remat=args.remat, fsdp=args.fsdp,
+                     grad_accum=args.grad_accum)
     init = functools.partial(train.init_state, cfg=cfg)
     mesh = train.make_mesh(jax.devices())
     shardings = train.state_shardings(mesh, jax.eval_shape(init, jax.random.key(0)), r.fsdp)
@@ -179,16 +181,17 @@ def main():
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
-    parser.add_argument("--sample-steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--inner", type=int, default=3, help="train steps per timing")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per train step")
+    parser.add_argument("--sample-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner", type=int, default=2, help="train steps per timing")
     parser.add_argument("--peak-sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     args = parser.parse_args()
     cfg = dataclasses.replace(model.PRESETS[args.preset], depth=args.depth, image_size=args.image_size)
     report(measure="setup", dtype=args.precision, peak_sizes=args.peak_sizes, device=str(jax.devices()[0].device_kind),
            devices=jax.device_count(), config=dataclasses.asdict(cfg), batch_size=args.batch_size,
-           text_length=args.text_length)
+           grad_accum=args.grad_accum, text_length=args.text_length)
     params = None
     if "train" not in args.skip:
         params = bench_train(cfg, args)

@@ -62,6 +62,27 @@ def test_remat_changes_nothing(mmjit):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("platform, dtype, head_dim, expected", [
+    ("cuda", jnp.bfloat16, 64, "cudnn"), ("cuda", jnp.float16, 52, "cudnn"), ("cuda", jnp.bfloat16, 128, "cudnn"),
+    ("cuda", jnp.float32, 64, "xla"), ("cuda", jnp.bfloat16, 136, "xla"), ("rocm", jnp.bfloat16, 64, "xla"),
+    ("cpu", jnp.bfloat16, 64, "xla"), ("cpu", jnp.float32, 52, "xla"), ("tpu", jnp.bfloat16, 64, "xla"),
+])
+def test_attention_implementation(platform, dtype, head_dim, expected):
+    assert model.attention_implementation(platform, dtype, head_dim) == expected
+
+
+@pytest.mark.parametrize("head_dim", [52, 13, 64])
+def test_padded_attention_is_exact(head_dim):
+    """Zero channels up to a multiple of 8 (cuDNN's rule) change nothing, through XLA's path in float32; on
+    this CPU, attention() is XLA's own call, bit for bit."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, 3, head_dim)) for i in range(3))
+    scale = head_dim**-0.5
+    ref = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    # The same sums with a few zero terms more: float32 rounding of order-1 outputs, well under 1e-6.
+    np.testing.assert_allclose(model.padded_attention(q, k, v, scale, "xla"), ref, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(model.attention(q, k, v, scale), ref)
+
+
 def test_t5_matches_reference():
     cfg, params = model.load_t5(T5)
     io = np.load(os.path.join(T5, "io.npz"))

@@ -209,3 +209,45 @@ def test_bad_input_in_a_real_process(run_dir, tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("sample.py: error:"), proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, name", [([], "ema"), (["--no-ema"], "params")])
+def test_export_diffusers_round_trip(run_dir, tmp_path, monkeypatch, flags, name):
+    """A run exported (no prompts needed) and read back by the importer: bit-identical weights and samples."""
+    out = str(tmp_path / "export")
+    sample.main(["--ckpt", run_dir, "--export-diffusers", out, *flags])
+    cfg, params, settings = sample.load_denoiser(out)
+    saved = model.read_safetensors(os.path.join(sample.latest_checkpoint(run_dir), f"{name}.safetensors"))
+    assert cfg == sample.load_denoiser(run_dir)[0] and settings["text_length"] == 12  # the run's --text-length
+    assert settings["t5"] == os.path.join(run_dir, "t5")  # found again through the export's config
+    for key, value in model.flatten(params).items():
+        np.testing.assert_array_equal(value, saved[key])
+    config = sample.read_json(os.path.join(out, "transformer", "config.json"))
+    assert config["text_encoder"] == os.path.join(run_dir, "t5")
+    monkeypatch.chdir(tmp_path)  # the same settings as test_cli_end_to_end: its compiled sampler serves
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--n", "2", "--steps", "3", "--guidance", "3",
+            "--sampler", "heun", "--batch-size", "4", *flags]
+    sample.main([*args, "--ckpt", run_dir, "--out-dir", "pngs_run"])
+    sample.main([*args, "--ckpt", out, "--out-dir", "pngs_export"])  # no --t5: the config names it
+    run, export = read_pngs(tmp_path / "pngs_run"), read_pngs(tmp_path / "pngs_export")
+    assert list(run) == list(export)
+    for k in run:
+        np.testing.assert_array_equal(run[k][0], export[k][0])
+
+
+def test_released_layout_imported_then_exported_is_unchanged(tmp_path):
+    """The fixture in the released layout, imported and exported: the same tensor names, dtypes and shapes,
+    the same values for every tensor the model uses, and the same config."""
+    cfg, params = model.load_diffusers_mmjit(MMJIT)
+    config = sample.read_json(os.path.join(MMJIT, "config.json"))
+    model.save_diffusers_mmjit(str(tmp_path), cfg, params, config["prompt_length"])
+    assert sample.read_json(str(tmp_path / "transformer" / "config.json")) == config
+    ref = model.read_safetensors(os.path.join(MMJIT, "diffusion_pytorch_model.safetensors"))
+    out = model.read_safetensors(str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert list(out) == list(ref)
+    for k, v in ref.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        if k.startswith(("model.net.t_embedder.", "model.net.pooled_embedder.")):  # feed nothing: written as zeros
+            assert not out[k].any(), k
+        else:
+            np.testing.assert_array_equal(out[k], v, err_msg=k)

@@ -1,4 +1,6 @@
 """train.py: the objective against the reference, exact resumption, data parallelism, signals, bad input."""
+import errno
+import functools
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import optax
 import pytest
 
 import model
+import sample
 import train
 from conftest import FIXTURES, ROOT, SMALL_RUN as SMALL
 
@@ -50,6 +53,43 @@ def test_adamw_ema_matches_optax(clip):
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert int(state["step"]) == 5
+
+
+def test_grad_accum_matches_one_batch():
+    """One batch of 8 as 1, 2 and 4 micro-batches: the same loss, gradient and update. The fixture's weights
+    are random everywhere (a fresh init's zero final layer would leave every other gradient zero)."""
+    cfg, params = model.load_diffusers_mmjit(os.path.join(FIXTURES, "mmjit_tiny"))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    context = rng.normal(size=(8, 6, cfg.txt_dim)).astype(np.float32)
+    mask = (np.arange(6) < rng.integers(1, 7, (8, 1))).astype(np.int32)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    state = {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.asarray(3, jnp.int32)}
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        for n in (1, 2, 4):
+            r = train.Recipe(grad_accum=n, caption_drop=0.5, warmup=1)  # lr 1e-3 at step 3; drops half the captions
+            out[n] = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r))(state, images, context, mask)
+    (ref, ref_metrics) = out[1]
+    for n in (2, 4):
+        got, metrics = out[n]
+        # Only the order of the sums over the batch differs: float32 rounding (measured 4e-9 on first moments
+        # up to 0.017). Adam's first step is about +-lr = 1e-3 whatever the gradient's size, so where a gradient
+        # is near eps = 1e-8 that rounding moves its step by a fraction of lr (measured up to 4e-6); 2e-5
+        # allows for it, while a wrong draw or weighting moves the loss by percents and steps by 1e-3.
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+        np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-6)
+        for name, atol in (("mu", 1e-7), ("params", 2e-5)):  # mu = 0.1 x the gradient after this first update
+            for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(ref[name])):
+                np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+
+
+def test_grad_accum_must_divide_the_per_device_batch():
+    cfg = model.PRESETS["tiny"]
+    train.check_recipe(train.Recipe(batch_size=32, grad_accum=4), cfg)
+    for accum in (3, 64, 0):
+        with pytest.raises(train.UsageError, match=f"--grad-accum {accum}: expected a divisor of the per-device batch"):
+            train.check_recipe(train.Recipe(batch_size=32, grad_accum=accum), cfg)
 
 
 def read_log(run):
@@ -94,31 +134,47 @@ DEVICES_SCRIPT = textwrap.dedent("""
     out = {}
     init = functools.partial(train.init_state, cfg=cfg)
     start = jax.device_get(jax.jit(init)(jax.random.key(0)))  # on the host: each run donates its own copy
-    for n, fsdp in [(1, False), (4, False), (4, True)]:
-        r = train.Recipe(batch_size=8, fsdp=fsdp, lr=1e-2, warmup=1)
-        shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    for n, fsdp, accum in [(1, False, 1), (4, False, 1), (4, True, 1), (2, False, 2), (4, True, 2)]:
+        r = train.Recipe(batch_size=8, fsdp=fsdp, lr=1e-2, warmup=1, grad_accum=accum)
         step, shardings, batch_sharding = train.make_train_step(train.make_mesh(jax.devices()[:n]), shapes, t5, cfg, t5cfg, r)
         state = jax.device_put(start, shardings)
         sharded = jax.device_put(batch, batch_sharding)
         assert len(sharded["images"].sharding.device_set) == n
         if fsdp:
             assert sum("data" in s.spec for s in jax.tree.leaves(shardings["mu"])) > 10
+        step = step.lower(state, t5, sharded).compile()
+        if not fsdp:  # replicated weights: the gradient all-reduce is the only collective; no batch row moves
+            assert not any(op in step.as_text() for op in ("all-gather", "all-to-all", "collective-permute"))
         for _ in range(2):
             state, metrics = step(state, t5, sharded)
-        out[f"{n}-{fsdp}"] = {"loss": float(metrics["loss"]),
-                              "params": {k: np.asarray(v).tolist() for k, v in model.flatten(state["params"]).items()
-                                         if k.startswith("double_blocks.0.img_qkv")}}
+        out[f"{n}-{fsdp}-{accum}"] = {"loss": float(metrics["loss"]),
+                                      "params": {k: np.asarray(v).tolist() for k, v in model.flatten(state["params"]).items()
+                                                 if k.startswith("double_blocks.0.img_qkv")}}
+    # The sharded initialisation of a bigger model, compiled only: no device holds a whole model's worth.
+    big = functools.partial(train.init_state, cfg=dataclasses.replace(model.PRESETS["L/16"], depth=4))
+    big_shapes = jax.eval_shape(big, jax.random.key(0))
+    shardings = train.state_shardings(train.make_mesh(jax.devices()), big_shapes, True)
+    memory = jax.jit(big, out_shardings=shardings).lower(jax.random.key(0)).compile().memory_analysis()
+    out["init"] = {"params": sum(x.size * 4 for x in jax.tree.leaves(big_shapes["params"])),
+                   "temp": memory.temp_size_in_bytes, "outputs": memory.output_size_in_bytes}
     print(json.dumps(out))
 """)
 
 
 def test_data_parallel_matches_single_device():
-    """The same global batch on 1 and on 4 (simulated) devices, plain and FSDP: same loss and update."""
+    """The same global batch on 1 and on 4 (simulated) devices, plain and FSDP, and accumulated over 2
+    micro-batches on 2 devices and with FSDP on 4: same loss and update. FSDP initialisation is sharded."""
     proc = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT, ROOT], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = out["1-False"]
-    for name in ("4-False", "4-True"):
+    # Per device: a quarter of the 4 state trees (so about one params' worth, a few replicated vectors more)
+    # and a temporary of about one block's noise (measured 0.28x the parameters; the whole-model draw took 1.8x).
+    init = out.pop("init")
+    assert init["outputs"] < 1.05 * init["params"] and init["temp"] < 0.5 * init["params"], init
+    ref = out.pop("1-False-1")
+    assert len(out) == 4
+    for name in out:
         # Only the order of the cross-device sums differs: float32 rounding, far below the update size (1e-2).
         np.testing.assert_allclose(out[name]["loss"], ref["loss"], rtol=1e-5)
         for k, v in ref["params"].items():
@@ -189,6 +245,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
         train.main(SMALL + ["--out", run, "--steps", "3", "--ckpt-every", "1"])
     assert stopped.value.code != 0
     assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000001"]  # nothing written over it
+
+
+def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
+    """The disk fills up while step 2's weights are written: the run stops with one line naming the file,
+    step 1's checkpoint stays the latest with no half-written folder beside it, and the same command resumes."""
+    run = str(tmp_path / "run")
+    args = SMALL + ["--out", run, "--steps", "2", "--ckpt-every", "1"]
+    write, restore, failed = model.write_safetensors, train.restore_checkpoint, []
+
+    def disk_full_once(path, *a, **k):
+        if "tmp_00000002" in path and not failed:
+            failed.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(path, *a, **k)
+
+    monkeypatch.setattr(model, "write_safetensors", disk_full_once)
+    with pytest.raises(train.CheckpointError) as e:
+        train.main(args)
+    assert str(e.value).splitlines() == [str(e.value)] and failed[0] in str(e.value)
+    assert "No space left on device" in str(e.value)
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000001"]
+    sample.load_denoiser(run)  # loads step 1, the latest
+    restored = []
+    monkeypatch.setattr(train, "restore_checkpoint", lambda path, *a: restored.append(path) or restore(path, *a))
+    train.main(args)  # space is back: the same command
+    assert restored == [os.path.join(run, "checkpoints", "step_00000001")]
+    assert [m["step"] for m in read_log(run)] == [1, 2]
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000001", "step_00000002"]
 
 
 def test_two_hosts_on_loopback(tmp_path):
