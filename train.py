@@ -266,7 +266,7 @@ def save_checkpoint(run, state, data_state, keep):
         if first:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint of step {step} not saved: {error or 'another process could not write'}; "
-                              "the previous checkpoint is kept and the same command resumes from it")
+                              "the last checkpoint, if any, is kept and the same command resumes from it")
     if first:
         os.replace(tmp, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_"))[:-keep]:
