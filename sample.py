@@ -84,9 +84,10 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
 encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, T5Config, ids, mask) -> [B, L, Dt]
 
 
-def initial_noise(seeds, cfg):
-    """x at t=0 for each image from its own seed, so an image never depends on the batch it is in."""
-    shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
+def initial_noise(seeds, shape):
+    """x at t=0 [len(seeds), H, W, 3] for images of shape (H, W), each from its own seed, so an image never
+    depends on the batch it is in."""
+    shape = (*shape, 3)
     return jnp.stack([NOISE_SCALE * jax.random.normal(jax.random.key(s), shape) for s in seeds])
 
 
@@ -155,11 +156,11 @@ def to_uint8(images):
 
 def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
     """A PIL image of images [N, H, W, 3] in [-1, 1], each with its caption (N strings) wrapped under it.
-    Small images are enlarged (nearest neighbour) to at least min_cell pixels so that captions fit."""
+    Small images are enlarged (nearest neighbour) to at least min_cell pixels a side so that captions fit."""
     pixels = to_uint8(images)
     n, h, w = pixels.shape[:3]
     cols = cols or int(np.ceil(np.sqrt(n)))
-    zoom = -(-min_cell // w)
+    zoom = -(-min_cell // min(h, w))
     font = ImageFont.load_default()
     line_h, pad = font.getbbox("Agy")[3] + 2, 4
     chars = max(1, int((w * zoom - 2 * pad) // font.getlength("n")))
@@ -202,6 +203,8 @@ def main(argv=None):
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
                              "--n 1 --seed S reproduces it alone")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch (x2 for guidance)")
+    parser.add_argument("--width", type=int, help="a multiple of the patch size (default: the training size)")
+    parser.add_argument("--height", type=int, help="image height, likewise")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
     args = parser.parse_args(argv)
@@ -232,6 +235,10 @@ def main(argv=None):
         fail(f"--ckpt {args.ckpt}: missing key {e} in its config")
     except (OSError, ValueError) as e:
         fail(" ".join(str(e).split()))  # one line, whatever the message
+    shape = tuple(cfg.image_size if v is None else v for v in (args.height, args.width))  # (H, W)
+    for flag, value in (("--height", shape[0]), ("--width", shape[1])):
+        if value < 1 or value % cfg.patch_size:
+            fail(f"{flag} must be a positive multiple of the model's patch size {cfg.patch_size}, got {value}")
     out = args.out or (None if args.out_dir else "grid.png")
     for folder in (args.out_dir, out and os.path.dirname(out)):
         if folder:  # made now, not found missing after the whole job
@@ -245,7 +252,7 @@ def main(argv=None):
     for start in tqdm(range(0, len(items), batch), desc=f"{args.sampler}, {args.steps} steps a batch", unit="batch"):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)), text_length)
-        noise = initial_noise(range(args.seed + start, args.seed + start + batch), cfg)
+        noise = initial_noise(range(args.seed + start, args.seed + start + batch), shape)
         images = sample(params, cfg, encode_text(t5params, t5cfg, ids, mask), mask, noise, steps=args.steps,
                         guidance=args.guidance, sampler=args.sampler)
         images = np.asarray(images)[:len(chunk)]
@@ -253,7 +260,7 @@ def main(argv=None):
             for k, ((i, j), image) in enumerate(zip(chunk, images)):
                 save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image,
                          {"prompt": prompts[i], "seed": args.seed + start + k, "steps": args.steps,
-                          "guidance": args.guidance, "sampler": args.sampler})
+                          "guidance": args.guidance, "sampler": args.sampler, "width": shape[1], "height": shape[0]})
         if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing
             grid.append(images)
     if out:  # one row per prompt, the prompt under each of its images (one image each: a square grid)

@@ -35,6 +35,7 @@ import sample
 class Recipe:
     model: str = "tiny"  # a key of model.PRESETS
     image_size: int = 32
+    multi_aspect: bool = True  # aspect-ratio buckets from 1:2 to 2:1 (data.aspect_buckets), one per batch
     batch_size: int = 32  # global, over all devices and hosts
     steps: int = 720
     lr: float = 1e-3
@@ -63,7 +64,7 @@ class Recipe:
     init_from: str = ""  # a train.py run/checkpoint or released Diffusers weights to fine-tune from
 
 
-PAPER = dict(image_size=512, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
+PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
              sample_every=5000, sample_steps=100, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
 FINETUNE = PAPER | dict(lr=4e-5, steps=40_000, warmup=1000, guidance=5.0)
@@ -257,6 +258,17 @@ def make_tiny_text_encoder(folder, seed):
 # ------------------------------------------------------------------------------------------------ the run
 
 
+def save_sample_grids(run, done, params, cfg, context, mask, prompts, shapes, r):
+    """EMA samples of the fixed prompts, the same noise every time: one grid per (height, width) in shapes,
+    step_NNNNNN.png at the training size and step_NNNNNN_WxH.png at the others."""
+    for h, w in shapes:
+        noise = sample.initial_noise(range(len(prompts)), (h, w))
+        images = sample.sample(params, cfg, context, mask, noise, steps=r.sample_steps, guidance=r.guidance)
+        if jax.process_index() == 0:
+            name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
+            sample.make_grid(np.asarray(images), prompts).save(os.path.join(run, "samples", name + ".png"))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(RECIPES)}")
@@ -357,12 +369,12 @@ def main(argv=None):
                 raise UsageError(f"--init-from {r.init_from}: {e}") from None
             state = jax.device_put(state | {"params": params, "ema": params}, shardings)
 
+    buckets = data.aspect_buckets(cfg.image_size, cfg.patch_size) if r.multi_aspect else [(cfg.image_size,) * 2]
     loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
                          r.text_length, seed=r.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), state=data_state)
+                         process_count=jax.process_count(), state=data_state, buckets=buckets)
     prompts = data.SYNTHETIC_PROMPTS if not r.data else DEFAULT_PROMPTS
     grid_ids, grid_mask = tokenizer.encode(prompts, r.text_length)
-    grid_noise = sample.initial_noise(range(len(prompts)), cfg)  # the same noise at every sampling
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))  # finish the step, save, exit 0
@@ -392,10 +404,8 @@ def main(argv=None):
                     log.flush()
             if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
                 context = sample.encode_text(t5_params, t5cfg, grid_ids, grid_mask)
-                images = sample.sample(state["ema"], cfg, context, grid_mask, grid_noise, steps=r.sample_steps,
-                                       guidance=r.guidance)
-                if jax.process_index() == 0:
-                    sample.make_grid(np.asarray(images), prompts).save(os.path.join(run, "samples", f"step_{done:06d}.png"))
+                save_sample_grids(run, done, state["ema"], cfg, context, grid_mask, prompts,
+                                  buckets[::len(buckets) // 2 or 1], r)  # the tallest, square, the widest
             if done % r.ckpt_every == 0 or done == r.steps or stop:
                 if not np.isfinite(float(metrics["loss"])):  # never overwrite a good checkpoint with a broken one
                     sys.exit(f"train.py: loss is not finite at step {done}; stopping, the last checkpoint is kept")

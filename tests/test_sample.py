@@ -63,13 +63,13 @@ def test_guidance_interval():
 
 
 def test_noise_depends_on_seed_only():
-    cfg = model.MMJiTConfig(image_size=8)
-    whole = sample.initial_noise(range(10, 14), cfg)
-    parts = jnp.concatenate([sample.initial_noise([10, 11], cfg), sample.initial_noise([12, 13], cfg)])
+    shape = (8, 12)  # (H, W)
+    whole = sample.initial_noise(range(10, 14), shape)
+    parts = jnp.concatenate([sample.initial_noise([10, 11], shape), sample.initial_noise([12, 13], shape)])
     np.testing.assert_array_equal(whole, parts)
-    np.testing.assert_array_equal(whole, sample.initial_noise(range(10, 14), cfg))
+    np.testing.assert_array_equal(whole, sample.initial_noise(range(10, 14), shape))
     assert float(jnp.abs(whole[0] - whole[1]).mean()) > 1  # each seed its own noise
-    assert whole.shape == (4, 8, 8, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
+    assert whole.shape == (4, 8, 12, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
 
 
 def test_latest_checkpoint(tmp_path):
@@ -134,7 +134,8 @@ def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
     pixels, meta = a["0001_0.png"]
     size = sample.read_json(os.path.join(run_dir, "config.json"))["model"]["image_size"]
     assert pixels.shape == (size, size, 3)
-    assert meta == {"prompt": "a blue square", "seed": "7", "steps": "3", "guidance": "3.0", "sampler": "heun"}
+    assert meta == {"prompt": "a blue square", "seed": "7", "steps": "3", "guidance": "3.0", "sampler": "heun",
+                    "width": str(size), "height": str(size)}
 
     # In-process from here (one compile for all): another batch size gives the same images, the same seed the
     # same pixels, and the checkpoint folder itself the run's. (Other seeds need not give other pixels here: a
@@ -148,6 +149,18 @@ def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
         assert np.abs(a[name][0].astype(int) - b[name][0]).max() <= 1  # batch shape may change float rounding
         np.testing.assert_array_equal(b[name][0], c[name][0])
         np.testing.assert_array_equal(b[name][0], d[name][0])
+
+
+def test_cli_width_and_height(run_dir, tmp_path):
+    """A 2:1 job of a model trained at 16 x 16: every PNG and the grid's cells are 24 x 12."""
+    sample.main(["--ckpt", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "2",
+                 "--n", "1", "--width", "24", "--height", "12", "--out-dir", str(tmp_path / "pngs"),
+                 "--out", str(tmp_path / "grid.png")])
+    pngs = read_pngs(tmp_path / "pngs")
+    assert len(pngs) == 2 and all(p.shape == (12, 24, 3) and m["width"] == "24" and m["height"] == "12"
+                                  for p, m in pngs.values())
+    with Image.open(tmp_path / "grid.png") as grid:  # 2 cells side by side, each enlarged to 11x (128 / 12)
+        assert grid.width >= 2 * 24 * 11 and grid.height >= 12 * 11
 
 
 @pytest.mark.parametrize("use_ema, name", [(True, "ema"), (False, "params")])
@@ -194,6 +207,9 @@ def truncated_run(run_dir, tmp_path):
     (lambda run, tmp: ["--ckpt", run, "--prompts-file", str(tmp / "none.txt")], "--prompts-file"),
     (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--steps", "0"], "--steps must be at least 1"),
     (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--guidance", "-1"], "--guidance must be >= 0"),
+    (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--width", "18"],
+     "--width must be a positive multiple of the model's patch size 4, got 18"),
+    (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--height", "0"], "--height must be a positive multiple"),
 ])
 def test_bad_input(run_dir, tmp_path, capsys, case, message):
     with pytest.raises(SystemExit) as exit:
