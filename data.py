@@ -594,7 +594,8 @@ class Loader:
                 # within a few batches of its frequency, where independent draws would drift by sqrt(batches).
                 k = int(np.searchsorted(self.bucket_cdf, (self.bucket_phase + batches * GOLDEN) % 1, side="right"))
                 rng = np.random.default_rng([self.seed, _MIX, batches])
-                picks = rng.choice(len(self._streams), size=self.batch_size, p=self.joint[:, k] / self.joint[:, k].sum())
+                p = self.joint[:, k] / self.joint[:, k].sum()
+                picks = rng.choice(len(self._streams), size=self.batch_size, p=p)
                 slots = [(self._streams[i], *self._streams[i].next(k)) for i in picks]  # all decoding at once
                 images, captions = [], []
                 for stream, ref, future in slots:

@@ -64,8 +64,8 @@ class Recipe:
     init_from: str = ""  # a train.py run/checkpoint or released Diffusers weights to fine-tune from
 
 
-PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
-             sample_every=5000, sample_steps=100, ckpt_every=5000)
+PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256,
+             log_every=100, sample_every=5000, sample_steps=100, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
 FINETUNE = PAPER | dict(lr=4e-5, steps=40_000, warmup=1000, guidance=5.0)
 RECIPES = {

@@ -34,9 +34,11 @@ from conftest import compiles as compiled_names  # noqa: E402
 
 def flops(cfg, text_length, shape):
     """Forward FLOPs of one image as (text adapter, double blocks and the rest): 2 per multiply-add of
-    every matmul, attention scores and mixing included, for images of shape (H, W). The last double block's text stream ends at its
-    keys and values (its queries, output projection and SwiGLU feed nothing), so it is not counted."""
-    D, A, F, L, N = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.mlp_hidden, text_length, shape[0] * shape[1] // cfg.patch_size**2
+    every matmul, attention scores and mixing included, for images of shape (H, W). The last double block's
+    text stream ends at its keys and values (its queries, output projection and SwiGLU feed nothing), so it
+    is not counted."""
+    D, A, F, L = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.mlp_hidden, text_length
+    N = shape[0] * shape[1] // cfg.patch_size**2  # image tokens
     block = 2 * (D * 3 * A + A * D + 3 * D * F)  # per token: qkv, output projection, SwiGLU
     attention = lambda queries, keys: 2 * 2 * queries * keys * A  # q k^T and p v
     adapter = 2 * L * cfg.txt_dim * D + cfg.txt_preamble_depth * (L * block + attention(L, L))

@@ -1,9 +1,10 @@
 """The tiny overfit test: the proof that text conditioning works end to end.
 
-A small MM-JiT learns four captioned scenes, each on a square, a wide (2:1) and a tall (1:2) canvas, through
-train.py's own jitted step (caption drop and all; one batch shape per step, as multi-aspect training feeds
-it). Then on every canvas each caption, sampled from fresh noise, must give back its own image, and swapping
-the captions must swap the images: the only thing telling the four apart is the text.
+A small MM-JiT learns four captioned scenes, each on a wide (2:1) and a tall (1:2) canvas, through train.py's
+own jitted step (caption drop and all; one batch shape per step, as multi-aspect training feeds it). Then on
+both canvases each caption, sampled from fresh noise, must give back its own image, and swapping the captions
+must swap the images: the only thing telling the four apart is the text. (Square inputs are the parity
+tests' and the default run's; a third shape here would cost two more compilations.)
 """
 import functools
 
@@ -18,8 +19,8 @@ from conftest import compiles
 
 SCENES = [data.Scene("circle", "red", "white"), data.Scene("square", "blue", "black", 1, "left"),
           data.Scene("triangle", "yellow", "gray", 1, "top"), data.Scene("circle", "green", "blue", 2)]
-STEPS = 480
-SHAPES = [(16, 16), (12, 24), (24, 12)]  # (H, W): square, 2:1 and 1:2; 16, 18 and 18 patches of 4 x 4
+STEPS = 440
+SHAPES = [(12, 24), (24, 12)]  # (H, W): 2:1 and 1:2, 18 patches of 4 x 4 each
 
 
 def psnr(a, b):
