@@ -590,8 +590,9 @@ class Loader:
         try:
             while not self._stop.is_set():
                 # The same draws on every process, so synthetic positions and batch shapes agree across
-                # processes. Buckets follow a golden-ratio sequence: each bucket's share of the batches stays
-                # within a few batches of its frequency, where independent draws would drift by sqrt(batches).
+                # processes. The bucket is frac(phase + b * golden ratio) through the buckets' cumulative
+                # frequencies: each one's count of batches stays within a few of its share, where independent
+                # draws would drift by sqrt(batches).
                 k = int(np.searchsorted(self.bucket_cdf, (self.bucket_phase + batches * GOLDEN) % 1, side="right"))
                 rng = np.random.default_rng([self.seed, _MIX, batches])
                 p = self.joint[:, k] / self.joint[:, k].sum()

@@ -517,6 +517,17 @@ def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
         loader(sources, state=state, **kw | {"buckets": [(32, 32)]})
 
 
+def test_buckets_agree_across_processes(tmp_path):
+    """Each process reads its own half of the folder, yet all draw the same shape for every batch: the
+    frequencies come from the same probe of the whole folder, the draw from (seed, batch index)."""
+    sources, buckets = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"], data.aspect_buckets(32, 4)
+    shapes = []
+    for p in range(2):
+        with loader(sources, image_size=32, batch_size=2, buckets=buckets, process_index=p, process_count=2) as ld:
+            shapes.append([next(ld)["images"].shape for _ in range(10)])
+    assert shapes[0] == shapes[1] and len(set(shapes[0])) >= 3
+
+
 def test_bucket_shares_follow_their_frequencies():
     """Synthetic canvases are uniform over the buckets; the golden-ratio draw keeps each bucket's count of
     batches within 2 of an equal share (independent draws would stray by sqrt(100 * 0.16) = 4 on average)."""
