@@ -9,10 +9,15 @@ consumed) resumes exactly: the resumed loader rebuilds the current epoch's order
 (for tar shards that re-reads the headers, not the images, of shards used this epoch; exact if the files are
 unchanged). Bad input is skipped, counted once by reason (in the first pass over a source) and the first
 few named on stderr; a missing path or a source without a usable sample is a ValueError at start-up.
+
+Multi-aspect training (buckets=aspect_buckets(S, p)): every image is cropped to the bucket shape nearest its
+aspect ratio, and every batch holds one bucket. The bucket of batch b is drawn the same way on every process
+from (seed, b) alone; each source stream then serves it from its samples read ahead (see _Stream.next).
 """
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import io
@@ -37,7 +42,10 @@ PREFETCH_BATCHES = 2
 NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
 STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
 CAPTION_SAMPLE = 50_000  # captions read per source at start-up (all of a smaller source)
-_SYNTH, _EPOCH, _MIX, _CAPTIONS = 0, 1, 2, 3  # separate random streams under one seed
+READ_AHEAD = 16  # multi-aspect: samples a stream may hold back for other buckets, in batches
+PROBE = 256  # multi-aspect: samples whose aspect ratios estimate a file source's bucket frequencies
+_SYNTH, _EPOCH, _MIX, _BUCKET, _CAPTIONS = 0, 1, 2, 3, 4  # separate random streams under one seed
+GOLDEN = (5**0.5 - 1) / 2
 
 
 class BadSample(Exception):
@@ -51,9 +59,10 @@ class BadSample(Exception):
 # ----------------------------------------------------------------------------- images and captions
 
 def load_image(src, image_size):
-    """Bytes or a path -> (float32 [image_size, image_size, 3] in [-1, 1], whether it was upscaled): decode, apply
-    the EXIF orientation, convert to RGB, resize the shorter side to image_size (antialiased) and center-crop.
-    Raises BadSample."""
+    """Bytes or a path -> (float32 [H, W, 3] in [-1, 1], whether it was upscaled), (H, W) = image_size (an int
+    for a square): decode, apply the EXIF orientation, convert to RGB, resize to cover H x W (antialiased) and
+    center-crop. Raises BadSample."""
+    h_out, w_out = (image_size, image_size) if isinstance(image_size, int) else image_size
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
@@ -63,14 +72,14 @@ def load_image(src, image_size):
                 raise BadSample("decompression bomb", f"{w}x{h} px")
             if min(w, h) < MIN_SIDE:
                 raise BadSample("image too small", f"{w}x{h} px")
-            im.draft("RGB", (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers the crop
+            im.draft("RGB", (w_out, h_out))  # JPEG: decode at 1/2..1/8 scale if that still covers the crop
             ImageOps.exif_transpose(im, in_place=True)
             im = to_rgb(im)
             w, h = im.size
-            s = min(w, h)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # resize and crop in one resampling pass
-            im = im.resize((image_size, image_size), Image.BICUBIC, box=box)
-            return np.asarray(im, np.float32) / 127.5 - 1.0, s < image_size
+            cw, ch = (h * w_out / h_out, h) if w * h_out >= h * w_out else (w, w * h_out / w_out)  # the crop
+            box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)  # resize and crop in one resampling pass
+            im = im.resize((w_out, h_out), Image.BICUBIC, box=box)
+            return np.asarray(im, np.float32) / 127.5 - 1.0, cw < w_out
     except BadSample:
         raise
     except Image.DecompressionBombError as e:
@@ -112,6 +121,20 @@ def parse_caption(raw, ext):
     if not text.strip():
         raise BadSample("empty caption")
     return text.strip()
+
+
+# ----------------------------------------------------------------------------- aspect-ratio buckets
+
+def aspect_buckets(size, patch, count=5, budget=0.1):
+    """(height, width) shapes for multi-aspect training at size x size: multiples of `patch`, width / height
+    within [1/2, 2], `count` ratios log-spaced from 1:2 to 2:1 (a tall one, square, a wide one...), each the
+    patch grid nearest that ratio whose pixel count is within `budget` (+-10%) of size x size. Grids that
+    small cannot all hit their ratio: at 32 px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
+    g = size // patch
+    grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
+             if abs(r * c - g * g) <= budget * g * g]
+    nearest = lambda k: min(grids, key=lambda rc: (abs(np.log2(rc[1] / rc[0]) - k), abs(rc[0] * rc[1] - g * g)))
+    return list(dict.fromkeys((r * patch, c * patch) for r, c in map(nearest, np.linspace(-1, 1, count))))
 
 
 # ----------------------------------------------------------------------------- synthetic shapes
@@ -156,18 +179,19 @@ def describe(scene):
     return f"{article} {scene.colour} {scene.shape} {PLACES[scene.position]} on a {scene.background} background"
 
 
-def render_scene(scene, image_size):
-    """Scene -> float32 [image_size, image_size, 3] in [-1, 1]; drawn at 4x and box-downsampled for clean edges."""
-    n = 4 * image_size
-    im = Image.new("RGB", (n, n), BACKGROUNDS[scene.background])
+def render_scene(scene, height, width=None):
+    """Scene -> float32 [height, width, 3] in [-1, 1] (width defaults to height); positions are fractions of
+    the canvas, sizes of its shorter side. Drawn at 4x and box-downsampled for clean edges."""
+    width = width or height
+    im = Image.new("RGB", (4 * width, 4 * height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
     if scene.count == 2:
         centres, r = [(0.27, 0.5), (0.73, 0.5)], 0.18
     else:
         centres, r = [POSITIONS[scene.position]], 0.21
-    r, fill = r * scene.scale * n, COLOURS[scene.colour]
+    r, fill = r * scene.scale * 4 * min(height, width), COLOURS[scene.colour]
     for cx, cy in centres:
-        x, y = (cx + scene.dx) * n, (cy + scene.dy) * n
+        x, y = (cx + scene.dx) * 4 * width, (cy + scene.dy) * 4 * height
         if scene.shape == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill)
         elif scene.shape == "square":
@@ -227,7 +251,7 @@ def read_caption(sample):
     return parse_caption(raw, sample.caption_ext)
 
 
-def load_sample(sample, image_size):
+def load_sample(sample, shape):
     """Sample -> (image, caption, upscaled), reading its files; raises BadSample. Runs on the worker threads."""
     caption = read_caption(sample)
     if sample.image is None:
@@ -236,7 +260,7 @@ def load_sample(sample, image_size):
         data = read_part(sample.image)
     except OSError as e:
         raise BadSample("unreadable image", str(e)) from None
-    image, upscaled = load_image(data, image_size)
+    image, upscaled = load_image(data, shape)
     return image, caption, upscaled
 
 
@@ -337,28 +361,33 @@ def shuffle_buffer(items, rng, size):
 # ----------------------------------------------------------------------------- sources
 
 class Synthetic:
-    """Infinite shapes; sample i of process p is global sample i * process_count + p, so hosts never overlap."""
+    """Infinite shapes; sample i of process p is global sample i * process_count + p, so hosts never overlap.
+    Each scene has its own canvas, one of the bucket shapes drawn uniformly."""
 
-    def __init__(self, number, seed, image_size, process_index, process_count):
-        self.name, self.number, self.seed, self.image_size = "synthetic", number, seed, image_size
+    def __init__(self, number, seed, shapes, process_index, process_count):
+        self.name, self.number, self.seed, self.shapes = "synthetic", number, seed, shapes
         self.process_index, self.process_count = process_index, process_count
+        self.frequencies = np.full(len(shapes), 1 / len(shapes))
 
     def samples(self, epoch, consumed):
         for i in itertools.count(consumed):
             yield epoch, i + 1, i * self.process_count + self.process_index
 
-    def load(self, index):
+    def bucket(self, index):
+        return int(np.random.default_rng([self.seed, _SYNTH, self.number, index, 1]).integers(len(self.shapes)))
+
+    def load(self, index, shape):
         scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
-        return render_scene(scene, self.image_size), describe(scene), False
+        return render_scene(scene, *shape), describe(scene), False
 
 
 class Files:
     """Samples from files, in an order reshuffled every epoch: units (tar shards, or single samples) in a
     random order, each unit's samples in a random order, through a shuffle buffer."""
 
-    def __init__(self, name, units, expand, number, seed, image_size):
+    def __init__(self, name, units, expand, number, seed, shapes, frequencies):
         self.name, self.units, self.expand = name, units, expand
-        self.number, self.seed, self.image_size = number, seed, image_size
+        self.number, self.seed, self.shapes, self.frequencies = number, seed, shapes, frequencies
 
     def epoch_order(self, epoch):
         rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
@@ -381,8 +410,14 @@ class Files:
                 raise ValueError(f"--data {self.name}: an epoch without a single sample")
             epoch, consumed = epoch + 1, 0
 
-    def load(self, sample):
-        return load_sample(sample, self.image_size)
+    def bucket(self, sample):
+        """The bucket nearest the image's aspect ratio in log ratio, from its header (EXIF rotations applied)."""
+        with Image.open(io.BytesIO(read_part(sample.image))) as im:
+            w, h = im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size  # turned by 90
+        return int(np.argmin([abs(math.log(w * bh / (h * bw))) for bh, bw in self.shapes]))
+
+    def load(self, sample, shape):
+        return load_sample(sample, shape)
 
 
 def parse_sources(specs):
@@ -402,11 +437,13 @@ def parse_sources(specs):
     return sources
 
 
-def open_source(path, number, seed, image_size, process_index=0, process_count=1):
+def open_source(path, number, seed, shapes, process_index=0, process_count=1):
     """A --data path -> a source holding this process's share: shards[process_index::process_count] for tar
-    shards, the same split of the sample list for a folder or manifest."""
+    shards, the same split of the sample list for a folder or manifest. With several bucket shapes, their
+    frequencies come from PROBE samples of the whole source, the same on every process (as for checkpoints,
+    a shared filesystem is assumed)."""
     if path == "synthetic":
-        return Synthetic(number, seed, image_size, process_index, process_count)
+        return Synthetic(number, seed, shapes, process_index, process_count)
     expected = "expected .tar shards, a brace pattern of them, an image folder, a .jsonl manifest or 'synthetic'"
     shards = samples = None
     if "{" in path:
@@ -428,11 +465,20 @@ def open_source(path, number, seed, image_size, process_index=0, process_count=1
         raise ValueError(f"--data {path}: unknown kind of file ({expected})")
     units, kind = (shards, "shards") if shards else (samples, "samples")
     if not units:
-        raise ValueError(f"--data {path}: no images found ({expected}; a folder needs images with .txt captions)")
+        raise ValueError(f"--data {path}: no images found ({expected}; a folder needs images with captions beside them)")
     mine = units[process_index::process_count]
     if not mine:
         raise ValueError(f"--data {path}: {len(units)} {kind} cannot be split over {process_count} processes")
-    return Files(path, mine, index_tar if shards else lambda s: [s], number, seed, image_size)
+    expand = index_tar if shards else lambda s: [s]
+    source = Files(path, mine, expand, number, seed, shapes, np.ones(1))
+    if len(shapes) > 1:
+        counts = np.ones(len(shapes))  # plus one each: no bucket is never drawn
+        order = np.random.default_rng([seed, _BUCKET, number]).permutation(len(units))
+        for sample in itertools.islice((s for u in order for s in expand(units[u])), PROBE):
+            with contextlib.suppress(Exception):  # bad samples are counted when read, not here
+                counts[source.bucket(sample)] += 1
+        source.frequencies = counts / counts.sum()
+    return source
 
 
 def check_usable(source):
@@ -440,7 +486,7 @@ def check_usable(source):
     problems = []
     for _, _, ref in itertools.islice(source.samples(0, 0), STARTUP_TRIES):
         try:
-            source.load(ref)
+            source.load(ref, source.shapes[0])
             return
         except BadSample as e:
             problems.append(f"{ref.name}: {e}")
@@ -453,7 +499,7 @@ def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
     `limit` samples those of a random subset of its shards (or samples). Returns (captions, complete)."""
     captions, complete = [], True
     for number, (path, _) in enumerate(parse_sources(specs or ["synthetic"])):
-        source = open_source(path, number, seed, image_size=0)
+        source = open_source(path, number, seed, shapes=[None])  # one shape: no aspect ratio is probed
         if isinstance(source, Synthetic):
             captions += synthetic_captions()
             continue
@@ -477,52 +523,80 @@ def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
 # ----------------------------------------------------------------------------- the loader
 
 class _Stream:
-    """One source's samples in order, the next few already decoding on the worker pool."""
+    """One source's samples in order, the next few already probed for their bucket on the worker pool, and
+    per bucket the samples read ahead that wait for a batch of their shape."""
 
-    def __init__(self, source, position, pool, depth):
-        self.source, self.pool, self.depth = source, pool, depth
+    def __init__(self, source, position, pool, depth, limit):
+        self.source, self.pool, self.depth, self.limit = source, pool, depth, limit
         self.order = source.samples(position["epoch"], position["consumed"])
-        self.position = dict(position)
+        self.position = {"epoch": position["epoch"], "consumed": position["consumed"]}
         self.good_epoch = position["epoch"]  # last epoch that gave a usable sample
         self.pending = collections.deque()
+        self.waiting = [collections.deque((epoch, Sample(*r) if isinstance(r, list) else r) for epoch, r in refs)
+                        for refs in position.get("waiting", [[]] * len(source.shapes))]  # (epoch, sample)
 
-    def next(self):
-        """(sample, future of (image, caption)); the position moves past the sample."""
-        while len(self.pending) < self.depth:
-            epoch, consumed, ref = next(self.order)
-            self.pending.append((epoch, consumed, ref, self.pool.submit(self.source.load, ref)))
-        epoch, consumed, ref, future = self.pending.popleft()
-        self.position = {"epoch": epoch, "consumed": consumed}
-        return ref, future
+    def next(self, k):
+        """(epoch, sample, future of its (image, caption, upscaled) cropped to bucket k): the oldest sample of
+        bucket k read ahead, else the next ones in order (others wait for their buckets; the position moves past them). If
+        `limit` samples wait already, the oldest of the longest queue is cropped to bucket k instead: the wait
+        stays bounded and every sample is used once."""
+        while not self.waiting[k]:
+            if sum(map(len, self.waiting)) >= self.limit:
+                self.waiting[k].append(max(self.waiting, key=len).popleft())
+                break
+            while len(self.pending) < self.depth:
+                epoch, consumed, ref = next(self.order)
+                probe = self.pool.submit(self.source.bucket, ref) if len(self.waiting) > 1 else None
+                self.pending.append((epoch, consumed, ref, probe))
+            epoch, consumed, ref, probe = self.pending.popleft()
+            self.position = {"epoch": epoch, "consumed": consumed}
+            bucket = k if probe is None or probe.exception() else probe.result()  # a bad sample fails in load
+            self.waiting[bucket].append((epoch, ref))
+        epoch, ref = self.waiting[k].popleft()
+        return epoch, ref, self.pool.submit(self.source.load, ref, self.source.shapes[k])
+
+    def state(self):
+        """The position; with buckets also the samples waiting (a file sample as the list of its fields)."""
+        as_json = lambda ref: list(dataclasses.astuple(ref)) if isinstance(ref, Sample) else ref
+        waiting = [[[epoch, as_json(ref)] for epoch, ref in queue] for queue in self.waiting]
+        return self.position | ({"waiting": waiting} if len(waiting) > 1 else {})
 
 
 class Loader:
     """Iterator of batches {"images": float32 [B, S, S, 3] in [-1, 1], "ids", "mask": int32 [B, L],
-    "captions": list of B str} mixed from weighted sources. state() is this process's position after the last
-    batch returned; pass it back as `state` to continue with unseen data. Close it (or use `with`).
+    "captions": list of B str} mixed from weighted sources; with buckets (a list of (H, W), aspect_buckets)
+    the images of each batch are [B, H, W, 3], one of the buckets. state() is this process's position after
+    the last batch returned; pass it back as `state` to continue with unseen data. Close it (or use `with`).
     The tokenizer needs encode(texts, max_length) -> (ids, mask) and lengths(texts) -> untruncated token counts.
     Skipped samples, upscaled images and cut captions are counted once each, in a source's first pass."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0, process_index=0,
-                 process_count=1, num_workers=None, state=None):
+                 process_count=1, num_workers=None, state=None, buckets=None):
         specs = parse_sources(sources or ["synthetic"])
-        self.sources = [open_source(path, i, seed, image_size, process_index, process_count)
+        shapes = [tuple(b) for b in buckets] if buckets else [(image_size, image_size)]
+        self.sources = [open_source(path, i, seed, shapes, process_index, process_count)
                         for i, (path, _) in enumerate(specs)]
         for source in self.sources:
             check_usable(source)
         weights = np.array([w for _, w in specs])
-        self.weights = weights / weights.sum()
+        # P(source, bucket): source s fills its weight's share of the slots, in the proportions of its own
+        # buckets, so that every source's stream is asked for each bucket about as often as it supplies it.
+        self.joint = weights[:, None] / weights.sum() * np.array([s.frequencies for s in self.sources])
+        self.bucket_cdf = np.cumsum(self.joint.sum(0)) / self.joint.sum()
+        self.bucket_phase = np.random.default_rng([seed, _BUCKET]).random()
         state = state or {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {},
                           "upscaled": 0, "cut": 0}
         if len(state["sources"]) != len(specs):
             raise ValueError(f"data state has {len(state['sources'])} sources but --data gives {len(specs)}")
+        if any(len(s.get("waiting", shapes)) != len(shapes) for s in state["sources"]):
+            raise ValueError(f"data state is of another set of buckets than the {len(shapes)} given")
         self.batch_size, self.tokenizer, self.max_length = batch_size, tokenizer, max_length
         self.seed, self.image_size = seed, image_size
         self._state = json.loads(json.dumps(state))
         self.skip_reasons = collections.Counter(self._state["skipped"])
         num_workers = num_workers or min(8, os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="data")
-        self._streams = [_Stream(source, position, self._pool, depth=2 * num_workers + 2)
+        self._streams = [_Stream(source, position, self._pool, 2 * num_workers + 2, READ_AHEAD * batch_size)
                          for source, position in zip(self.sources, self._state["sources"])]
         self._queue = queue.Queue(PREFETCH_BATCHES)
         self._stop = threading.Event()
@@ -575,10 +649,16 @@ class Loader:
         upscaled, cut = self._state.get("upscaled", 0), self._state.get("cut", 0)
         try:
             while not self._stop.is_set():
-                # The same draws on every process, so synthetic positions agree across processes.
+                # The same draws on every process, so synthetic positions and batch shapes agree across
+                # processes. The bucket is frac(phase + b * golden ratio) through the buckets' cumulative
+                # frequencies: each one's count of batches stays within a few of its share, where independent
+                # draws would drift by sqrt(batches).
+                k = int(np.searchsorted(self.bucket_cdf, (self.bucket_phase + batches * GOLDEN) % 1, side="right"))
                 rng = np.random.default_rng([self.seed, _MIX, batches])
-                picks = rng.choice(len(self._streams), size=self.batch_size, p=self.weights)
-                samples = [self._next_usable(self._streams[i], skipped) for i in picks]
+                p = self.joint[:, k] / self.joint[:, k].sum()
+                picks = rng.choice(len(self._streams), size=self.batch_size, p=p)
+                slots = [(self._streams[i], *self._streams[i].next(k)) for i in picks]  # all decoding at once
+                samples = [self._next_usable(stream, k, skipped, *slot) for stream, *slot in slots]
                 images, captions, scaled, first = zip(*samples)
                 ids, mask = self.tokenizer.encode(captions, self.max_length)
                 long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
@@ -586,17 +666,17 @@ class Loader:
                 batches += 1
                 batch = {"images": np.stack(images), "ids": np.asarray(ids, np.int32),
                          "mask": np.asarray(mask, np.int32), "captions": list(captions)}
-                state = {"batches": batches, "sources": [s.position for s in self._streams], "skipped": dict(skipped),
+                state = {"batches": batches, "sources": [s.state() for s in self._streams], "skipped": dict(skipped),
                          "upscaled": upscaled, "cut": cut}
                 self._put((batch, state))
         except Exception as e:
             self._put(e)
 
-    def _next_usable(self, stream, skipped):
-        """(image, caption, upscaled and first pass, first pass) of the stream's next usable sample."""
+    def _next_usable(self, stream, k, skipped, epoch, ref, future):
+        """(image, caption, upscaled in its first pass, first pass) of ref, or while that is bad, of the
+        stream's next samples of bucket k."""
         while True:
-            ref, future = stream.next()
-            first = stream.position["epoch"] == 0
+            first = epoch == 0
             try:
                 image, caption, upscaled = future.result()
             except BadSample as e:
@@ -608,6 +688,7 @@ class Loader:
                         print(f"data: skipped {ref.name} ({e}){more}", file=sys.stderr)
                 if stream.position["epoch"] > stream.good_epoch + 1:
                     raise ValueError(f"--data {stream.source.name}: a whole epoch without a usable sample") from None
+                epoch, ref, future = stream.next(k)
                 continue
             stream.good_epoch = stream.position["epoch"]
             return image, caption, upscaled and first, first

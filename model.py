@@ -22,7 +22,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class MMJiTConfig:
-    image_size: int = 32
+    image_size: int = 32  # the training size: the default for sampling; the network takes any multiple of patch_size
     patch_size: int = 4
     in_channels: int = 3
     txt_dim: int = 128  # width of the text encoder's features (T5 d_model)
@@ -33,10 +33,6 @@ class MMJiTConfig:
     head_dim: int = 64
     mlp_ratio: float = 8 / 3
     pca_channels: int = 32  # bottleneck width of the patch embedding
-
-    @property
-    def grid(self):  # patches per side
-        return self.image_size // self.patch_size
 
     @property
     def mlp_hidden(self):
@@ -103,10 +99,11 @@ def rope_angles_1d(length, dim, theta=10000.0):
     return np.arange(length)[:, None] * inv_freq  # [L, dim/2]
 
 
-def rope_angles_2d(grid, dim, theta=10000.0):
-    """Half the rotary frequencies follow the row, half the column, of each row-major image token."""
+def rope_angles_2d(rows, cols, dim, theta=10000.0):
+    """Half the rotary frequencies follow the row, half the column, of each token of a row-major rows x cols
+    grid: a token's angles depend on its own (row, column) only, whatever the grid's shape."""
     inv_freq = theta ** (-np.arange(0, dim // 2, 2) / (dim // 2))
-    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    rows, cols = np.divmod(np.arange(rows * cols), cols)
     return np.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1)  # [N, dim/2]
 
 
@@ -127,21 +124,30 @@ def apply_rope(x, rope):
 # ---------------------------------------------------------------------------------------------- MM-JiT
 
 
+def patch_grid(cfg, x):
+    """(rows, cols) of patches of images x [B, H, W, C]: any H and W that are multiples of the patch size."""
+    (H, W), P = x.shape[1:3], cfg.patch_size
+    if H % P or W % P:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {P}")
+    return H // P, W // P
+
+
 def patch_embed(p, cfg, x):
     """BottleneckPatchEmbed: a p x p stride-p conv to pca channels, then a 1x1 conv to D, as matmuls."""
-    B, P, g = x.shape[0], cfg.patch_size, cfg.grid
-    patches = x.reshape(B, g, P, g, P, cfg.in_channels).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(B, g * g, P * P * cfg.in_channels)  # [B, N, (row, col, channel)]
+    (B, P), (rows, cols) = (x.shape[0], cfg.patch_size), patch_grid(cfg, x)
+    patches = x.reshape(B, rows, P, cols, P, cfg.in_channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(B, rows * cols, P * P * cfg.in_channels)  # [B, N, (row, col, channel)]
     w1 = p["proj1"]["weight"].reshape(-1, cfg.pca_channels)  # HWIO kernel -> [P*P*C, pca]
     w2 = p["proj2"]["weight"].reshape(cfg.pca_channels, -1)
     return matmul(matmul(patches, w1), w2) + p["proj2"]["bias"].astype(x.dtype)
 
 
-def sincos_pos_embed(cfg):
-    """MAE's fixed 2-D embedding: first D/2 channels encode the column, last D/2 the row."""
+def sincos_pos_embed(cfg, rows, cols):
+    """MAE's fixed 2-D embedding of a row-major rows x cols grid: first D/2 channels encode the column, last
+    D/2 the row (of each token itself: the grid's shape changes nothing else)."""
     quarter = cfg.hidden_size // 4
     omega = 10000.0 ** (-np.arange(quarter) / quarter)
-    rows, cols = np.divmod(np.arange(cfg.grid**2), cfg.grid)
+    rows, cols = np.divmod(np.arange(rows * cols), cols)
     half = lambda pos: np.concatenate([np.sin(pos[:, None] * omega), np.cos(pos[:, None] * omega)], -1)
     return np.concatenate([half(cols), half(rows)], axis=-1).astype(np.float32)  # [N, D]
 
@@ -194,10 +200,10 @@ def joint_block(p, streams, rope, prefixes, num_heads):
     return new
 
 
-def unpatchify(cfg, tokens):
-    B, P, g, C = tokens.shape[0], cfg.patch_size, cfg.grid, cfg.in_channels
-    x = tokens.reshape(B, g, g, P, P, C).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, g * P, g * P, C)
+def unpatchify(cfg, tokens, rows, cols):
+    B, P, C = tokens.shape[0], cfg.patch_size, cfg.in_channels
+    x = tokens.reshape(B, rows, cols, P, P, C).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, rows * P, cols * P, C)
 
 
 def _blocks(cfg, remat):
@@ -217,15 +223,17 @@ def text_adapter(params, cfg, context, mask, dtype=jnp.float32, remat=False):
 
 
 def denoise(params, cfg, x, txt, dtype=jnp.float32, remat=False):
-    """The double blocks: noisy image x [B, H, W, C] and adapted text tokens [B, L, D] -> x0 [B, H, W, C]."""
-    img = patch_embed(params["img_embedder"], cfg, x.astype(dtype)) + sincos_pos_embed(cfg).astype(dtype)
+    """The double blocks: noisy image x [B, H, W, C] and adapted text tokens [B, L, D] -> x0 [B, H, W, C]. H and W
+    are any multiples of the patch size: the rows x cols grid is read off x (each shape compiles once)."""
+    rows, cols = patch_grid(cfg, x)
+    img = patch_embed(params["img_embedder"], cfg, x.astype(dtype)) + sincos_pos_embed(cfg, rows, cols).astype(dtype)
     rope = rope_tables(np.concatenate([rope_angles_1d(txt.shape[1], cfg.head_dim),
-                                       rope_angles_2d(cfg.grid, cfg.head_dim)]))
+                                       rope_angles_2d(rows, cols, cfg.head_dim)]))
     for p in params["double_blocks"]:
         txt, img = _blocks(cfg, remat)(p, [txt, img], rope, ("txt_", "img_"))
     f = params["final_layer"]
     out = linear(f["linear"], rms_norm(f["norm_final"]["weight"], img))  # [B, N, P*P*C]
-    return unpatchify(cfg, out.astype(jnp.float32))
+    return unpatchify(cfg, out.astype(jnp.float32), rows, cols)
 
 
 def mmjit_apply(params, cfg, x, context, mask, dtype=jnp.float32, remat=False):

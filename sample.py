@@ -87,11 +87,10 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
 encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, T5Config, ids, mask) -> [B, L, Dt]
 
 
-def initial_noise(keys, cfg, noise_scale):
-    """x at t=0, noise_scale N(0, I) (the run's recipe value), for each image from its own random key, so that
-    an image never depends on the batch it is in."""
-    shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
-    return jnp.stack([noise_scale * jax.random.normal(k, shape) for k in keys])
+def initial_noise(keys, shape, noise_scale):
+    """x at t=0 [len(keys), H, W, 3] for images of shape (H, W): noise_scale N(0, I) (the run's recipe value),
+    each image from its own random key, so that an image never depends on the batch it is in."""
+    return jnp.stack([noise_scale * jax.random.normal(k, (*shape, 3)) for k in keys])
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -177,11 +176,11 @@ def to_uint8(images):
 
 def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
     """A PIL image of images [N, H, W, 3] in [-1, 1], each with its caption (N strings) wrapped under it.
-    Small images are enlarged (nearest neighbour) to at least min_cell pixels so that captions fit."""
+    Small images are enlarged (nearest neighbour) to at least min_cell pixels a side so that captions fit."""
     pixels = to_uint8(images)
     n, h, w = pixels.shape[:3]
     cols = cols or int(np.ceil(np.sqrt(n)))
-    zoom = -(-min_cell // w)
+    zoom = -(-min_cell // min(h, w))
     font = ImageFont.load_default()
     line_h, pad = font.getbbox("Agy")[3] + 2, 4
     chars = max(1, int((w * zoom - 2 * pad) // font.getlength("n")))
@@ -225,6 +224,9 @@ def main(argv=None):
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
                              "--n 1 --seed S reproduces it alone (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch, x2 for guidance (default 8)")
+    parser.add_argument("--width", type=int, help="image width, a multiple of the patch size (default: the "
+                                                   "model's training size)")
+    parser.add_argument("--height", type=int, help="image height, likewise")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
     parser.add_argument("--export-diffusers", metavar="DIR", help="write the weights as a Diffusers folder instead")
@@ -264,6 +266,10 @@ def main(argv=None):
         fail(f"--ckpt {args.ckpt}: missing key {e} in its config")
     except (OSError, ValueError) as e:
         fail(" ".join(str(e).split()))  # one line, whatever the message
+    shape = tuple(cfg.image_size if v is None else v for v in (args.height, args.width))  # (H, W)
+    for flag, value in (("--height", shape[0]), ("--width", shape[1])):
+        if value < 1 or value % cfg.patch_size:
+            fail(f"{flag} must be a positive multiple of the model's patch size {cfg.patch_size}, got {value}")
     text_length, guidance = settings["text_length"], settings["guidance"] if args.guidance is None else args.guidance
     for i, prompt in enumerate(prompts):  # a prompt the model cannot read in full is said, not silently changed
         c, quoted = tokenizer.coverage([prompt], text_length), repr(prompt if len(prompt) < 60 else prompt[:57] + "...")
@@ -286,7 +292,7 @@ def main(argv=None):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)), text_length)
         keys = [jax.random.key(s) for s in range(args.seed + start, args.seed + start + batch)]
-        noise = initial_noise(keys, cfg, settings["noise_scale"])
+        noise = initial_noise(keys, shape, settings["noise_scale"])
         images = sample(params, cfg, encode_text(t5params, t5cfg, ids, mask), mask, noise, steps=args.steps,
                         guidance=guidance, sampler=args.sampler)
         images = np.asarray(images)[:len(chunk)]
@@ -294,7 +300,7 @@ def main(argv=None):
             for k, ((i, j), image) in enumerate(zip(chunk, images)):
                 save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image,
                          {"prompt": prompts[i], "seed": args.seed + start + k, "steps": args.steps,
-                          "guidance": guidance, "sampler": args.sampler})
+                          "guidance": guidance, "sampler": args.sampler, "width": shape[1], "height": shape[0]})
         if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing
             grid.append(images)
     if out:  # one row per prompt, the prompt under each of its images (one image each: a square grid)

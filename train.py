@@ -41,6 +41,8 @@ class Recipe:
     """Every field is a command-line flag (`--batch-size`); its help is the text here."""
     model: str = field("tiny", "MM-JiT size, a key of model.PRESETS: tiny, B/32, B/16 or L/16")
     image_size: int = field(32, "training resolution in pixels, a multiple of the patch size")
+    multi_aspect: bool = field(True, "aspect-ratio buckets from 1:2 to 2:1 of about image_size^2 pixels "
+                                     "(data.aspect_buckets), one shape per batch; off: square center crops")
     batch_size: int = field(32, "global batch, over all devices and hosts")
     steps: int = field(720, "total training steps; raise it to train a finished run further")
     lr: float = field(1e-3, "AdamW learning rate after the warm-up")
@@ -78,7 +80,7 @@ class Recipe:
 # Fields that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
              "grad_accum"}
-PAPER = dict(image_size=512, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
+PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
              sample_every=5000, sample_steps=100, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
 FINETUNE = PAPER | dict(lr=4e-5, steps=40_000, warmup=1000, guidance=5.0)
@@ -569,12 +571,13 @@ def main(argv=None):
 
     prompts = grid_prompts(r, captions)
     ids, mask = tokenizer.encode(prompts, r.text_length)
+    buckets = data.aspect_buckets(cfg.image_size, cfg.patch_size) if r.multi_aspect else [(cfg.image_size,) * 2]
     grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
-            "noise": sample.initial_noise(jax.random.split(rng(r.seed, "grid"), len(prompts)), cfg, r.noise_scale)}
-
+            "keys": jax.random.split(rng(r.seed, "grid"), len(prompts)),
+            "shapes": buckets[::len(buckets) // 2 or 1]}  # the tallest, square, the widest
     loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
                          r.text_length, seed=r.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), state=data_state)
+                         process_count=jax.process_count(), state=data_state, buckets=buckets)
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
     log = open_log(os.path.join(run, "log.jsonl"), start) if first else None
     write_log(log, {"step": start, "text": line, **coverage})
@@ -649,11 +652,15 @@ def grid_prompts(r, captions):
 
 
 def save_grid(run, done, params, cfg, grid, r):
-    """EMA samples of the grid's prompts from the same noise every time: samples/step_NNNNNN.png."""
-    images = sample.sample(params, cfg, grid["context"], grid["mask"], grid["noise"], steps=r.sample_steps,
-                           guidance=r.guidance)
-    if jax.process_index() == 0:
-        sample.make_grid(np.asarray(images), grid["prompts"]).save(os.path.join(run, "samples", f"step_{done:06d}.png"))
+    """EMA samples of the grid's prompts from the same noise every time, one grid per shape (the tallest, the
+    square and the widest bucket): samples/step_NNNNNN.png at the training size, step_NNNNNN_WxH.png else."""
+    for h, w in grid["shapes"]:
+        noise = sample.initial_noise(grid["keys"], (h, w), r.noise_scale)
+        images = sample.sample(params, cfg, grid["context"], grid["mask"], noise, steps=r.sample_steps,
+                               guidance=r.guidance)
+        if jax.process_index() == 0:
+            name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
+            sample.make_grid(np.asarray(images), grid["prompts"]).save(os.path.join(run, "samples", name + ".png"))
 
 
 if __name__ == "__main__":

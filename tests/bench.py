@@ -33,11 +33,13 @@ import train  # noqa: E402
 from conftest import compiles as compiled_names  # noqa: E402
 
 
-def flops(cfg, text_length):
+def flops(cfg, text_length, shape):
     """Forward FLOPs of one image as (text adapter, double blocks and the rest): 2 per multiply-add of
-    every matmul, attention scores and mixing included. The last double block's text stream ends at its
-    keys and values (its queries, output projection and SwiGLU feed nothing), so it is not counted."""
-    D, A, F, L, N = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.mlp_hidden, text_length, cfg.grid**2
+    every matmul, attention scores and mixing included, for images of shape (H, W). The last double block's
+    text stream ends at its keys and values (its queries, output projection and SwiGLU feed nothing), so it
+    is not counted."""
+    D, A, F, L = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.mlp_hidden, text_length
+    N = shape[0] * shape[1] // cfg.patch_size**2  # image tokens
     block = 2 * (D * 3 * A + A * D + 3 * D * F)  # per token: qkv, output projection, SwiGLU
     attention = lambda queries, keys: 2 * 2 * queries * keys * A  # q k^T and p v
     adapter = 2 * L * cfg.txt_dim * D + cfg.txt_preamble_depth * (L * block + attention(L, L))
@@ -48,8 +50,8 @@ def flops(cfg, text_length):
     return adapter, double + patch + final
 
 
-def flops_per_image(cfg, text_length):
-    return sum(flops(cfg, text_length))
+def flops_per_image(cfg, text_length, shape):
+    return sum(flops(cfg, text_length, shape))
 
 
 def seconds(fn, inner):
@@ -110,7 +112,7 @@ def bench_train(cfg, args):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     step = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r), donate_argnums=0)
     B, L = args.batch_size, args.text_length
-    images = jax.random.uniform(jax.random.key(1), (B, cfg.image_size, cfg.image_size, 3), minval=-1, maxval=1)
+    images = jax.random.uniform(jax.random.key(1), (B, *args.shape, 3), minval=-1, maxval=1)
     context = jax.random.normal(jax.random.key(2), (B, L, cfg.txt_dim))
     mask = jnp.ones((B, L), jnp.int32)
 
@@ -120,10 +122,10 @@ def bench_train(cfg, args):
             state, metrics = step(state, images, context, mask)
         return metrics["loss"]
 
-    flops = 3 * flops_per_image(cfg, L) * B
+    flops = 3 * flops_per_image(cfg, L, args.shape) * B
     step_s, mfu, peak, compiles = timed(run, flops, args, args.inner)
     mem, source = peak_memory_bytes()
-    report(measure="train_step", images_per_s=B / step_s, seconds=step_s, flops_per_image=3 * flops_per_image(cfg, L),
+    report(measure="train_step", shape=args.shape, images_per_s=B / step_s, seconds=step_s, flops_per_image=flops / B,
            tflops=flops / step_s / 1e12, mfu=mfu, peak_tflops=peak / 1e12, peak_memory_gib=mem / 2**30,
            memory_source=source, compiles_after_warmup=compiles)
     return state["ema"]
@@ -133,10 +135,10 @@ def bench_sample(cfg, params, args):
     B, L, steps = args.batch_size, args.text_length, args.sample_steps
     context = jax.random.normal(jax.random.key(3), (B, L, cfg.txt_dim))
     mask = jnp.ones((B, L), jnp.int32)
-    noise = sample.initial_noise(jax.random.split(jax.random.key(0), B), cfg, 2.0)
+    noise = sample.initial_noise(jax.random.split(jax.random.key(0), B), args.shape, 2.0)
     dtype = jnp.dtype(args.precision)
     run = lambda: sample.sample(params, cfg, context, mask, noise, steps=steps, guidance=4.0, dtype=dtype)
-    adapter, denoiser = flops(cfg, L)
+    adapter, denoiser = flops(cfg, L, args.shape)
     flops_total = 2 * B * (adapter + steps * denoiser)  # two branches; the text adapter once, not every step
     call_s, mfu, peak, compiles = timed(run, flops_total, args)
     report(measure="sampling", steps=steps, seconds_per_image=call_s / B, tflops=flops_total / call_s / 1e12,
@@ -176,6 +178,8 @@ def main():
     parser.add_argument("--preset", default="B/16", help="model preset; the CPU config overrides its depth")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--height", type=int, help="train and sample at this height (default --image-size)")
+    parser.add_argument("--width", type=int, help="and width: 1:2 and 2:1 against 1:1 at the same pixel count")
     parser.add_argument("--text-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", default="float32")
@@ -188,6 +192,7 @@ def main():
     parser.add_argument("--peak-sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     args = parser.parse_args()
+    args.shape = (args.height or args.image_size, args.width or args.image_size)
     cfg = dataclasses.replace(model.PRESETS[args.preset], depth=args.depth, image_size=args.image_size)
     report(measure="setup", dtype=args.precision, peak_sizes=args.peak_sizes, device=str(jax.devices()[0].device_kind),
            devices=jax.device_count(), config=dataclasses.asdict(cfg), batch_size=args.batch_size,

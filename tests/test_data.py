@@ -2,8 +2,10 @@
 
 All data is made here in tmp_path; a fake tokenizer keeps these tests independent of model.py."""
 
+import collections
 import io
 import json
+import os
 import re
 import struct
 import tarfile
@@ -505,3 +507,109 @@ def test_upscaled_images_and_cut_captions_are_counted_once(tmp_path):
     with loader([str(tmp_path)], batch_size=2, state=state) as ld:  # the counts resume with the position
         next(ld)
         assert (ld.state()["upscaled"], ld.state()["cut"]) == (1, 1)
+
+
+# ----------------------------------------------------------------------------- aspect-ratio buckets
+
+@pytest.mark.parametrize("size, patch", [(32, 4), (16, 4), (64, 8), (256, 16), (512, 16), (512, 32)])
+def test_aspect_buckets(size, patch):
+    buckets = data.aspect_buckets(size, patch)
+    ratios = [w / h for h, w in buckets]
+    assert 3 <= len(buckets) <= 5 and (size, size) in buckets and ratios == sorted(ratios)  # tallest to widest
+    assert set(buckets) == {(w, h) for h, w in buckets}  # the tall ones are the wide ones transposed
+    for h, w in buckets:
+        assert h % patch == w % patch == 0 and 0.5 <= w / h <= 2 and abs(h * w / size**2 - 1) <= 0.1
+    if size // patch >= 16:  # from 16 patches a side, grids within the pixel budget come near 1:2 and 2:1
+        assert ratios[0] < 1 / 1.9 and ratios[-1] > 1.9
+
+
+def banded(w, h):
+    """A w x h PNG: red left eighth, blue right eighth, green between."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, :w // 8], a[:, w // 8:w - w // 8], a[:, w - w // 8:] = RED, GREEN, BLUE
+    return encode(Image.fromarray(a))
+
+
+def folder_of(tmp_path, sizes):
+    """Images of the given (w, h), each captioned with its index and size."""
+    for i, (w, h) in enumerate(sizes):
+        (tmp_path / f"{i}.png").write_bytes(banded(w, h))
+        (tmp_path / f"{i}.txt").write_text(f"{i} {w} {h}")
+    return str(tmp_path)
+
+
+MIXED = [(100, 50), (50, 100), (64, 64), (90, 60), (60, 90), (120, 40), (70, 66), (80, 50)]  # (w, h)
+
+
+def test_each_image_is_cropped_to_its_nearest_bucket(tmp_path):
+    buckets = data.aspect_buckets(32, 4)  # 24x44 (w/h 1.83), 28x40 (1.43), 32x32 and their transposes
+    with loader([folder_of(tmp_path, MIXED)], batch_size=1, buckets=buckets, num_workers=1) as ld:
+        for _ in range(16):
+            b = next(ld)
+            _, w, h = map(int, b["captions"][0].split())
+            want = min(buckets, key=lambda s: abs(np.log(w / h) - np.log(s[1] / s[0])))
+            assert b["images"].shape == (1, *want, 3), (w, h)
+            if want[1] == 44 and w / h == 2:  # 2:1 into 1.83:1 keeps 92% of the width: both end bands
+                out = to_uint8(b["images"][0])
+                assert np.abs(out[12, 0] - RED).max() <= 3 and np.abs(out[12, -1] - BLUE).max() <= 3
+
+
+def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
+    sources = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"]
+    kw = dict(image_size=32, batch_size=4, seed=5, buckets=data.aspect_buckets(32, 4))
+    with loader(sources, num_workers=2, **kw) as ld:
+        full = [next(ld) for _ in range(12)]
+    assert {b["images"].shape[1:3] for b in full} == set(kw["buckets"])  # every batch one bucket, all in use
+    with loader(sources, num_workers=1, **kw) as ld:
+        [next(ld) for _ in range(5)]
+        state = ld.state()
+    assert all(any(s["waiting"]) for s in state["sources"])  # samples read ahead wait in the position
+    with loader(sources, num_workers=3, state=state, **kw) as ld:
+        resumed = [next(ld) for _ in range(7)]
+    for a, b in zip(full[5:], resumed):
+        assert a["captions"] == b["captions"]
+        for k in ("images", "ids", "mask"):
+            assert np.array_equal(a[k], b[k])
+    with pytest.raises(ValueError, match="another set of buckets"):
+        loader(sources, state=state, **kw | {"buckets": [(32, 32)]})
+
+
+def test_buckets_agree_across_processes(tmp_path):
+    """Each process reads its own half of the folder, yet all draw the same shape for every batch: the
+    frequencies come from the same probe of the whole folder, the draw from (seed, batch index)."""
+    sources, buckets = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"], data.aspect_buckets(32, 4)
+    shapes = []
+    for p in range(2):
+        with loader(sources, image_size=32, batch_size=2, buckets=buckets, process_index=p, process_count=2) as ld:
+            shapes.append([next(ld)["images"].shape for _ in range(10)])
+    assert shapes[0] == shapes[1] and len(set(shapes[0])) >= 3
+
+
+def test_bucket_shares_follow_their_frequencies():
+    """Synthetic canvases are uniform over the buckets; the golden-ratio draw keeps each bucket's count of
+    batches within 2 of an equal share (independent draws would stray by sqrt(100 * 0.16) = 4 on average)."""
+    buckets = data.aspect_buckets(32, 4)
+    with loader(["synthetic"], image_size=32, batch_size=2, buckets=buckets) as ld:
+        shapes = [next(ld)["images"].shape[1:3] for _ in range(100)]
+        waiting = ld.state()["sources"][0]["waiting"]
+    counts = [shapes.count(b) for b in buckets]
+    assert max(abs(c - 20) for c in counts) <= 2, counts
+    assert sum(map(len, waiting)) <= data.READ_AHEAD * 2
+
+
+def test_buckets_use_every_sample_once(tmp_path, monkeypatch):
+    """Every sample read is served exactly once: those read ahead for other buckets wait in the position, so
+    after e passes and c samples of the next, each image was served or waits e or e + 1 times. A source that
+    lacks a bucket is asked for it (rarely: its frequency is 1 / (probe + buckets)); once READ_AHEAD batches
+    of samples wait, the oldest of the longest queue is cropped to that bucket instead: all are wide here."""
+    monkeypatch.setattr(data, "READ_AHEAD", 2)
+    sizes = [(90 + 5 * i, 50) for i in range(10)]  # w/h 1.8 to 2.7: all nearest 24x44
+    buckets = data.aspect_buckets(32, 4)
+    with loader([folder_of(tmp_path, sizes)], image_size=32, batch_size=3, buckets=buckets, num_workers=1) as ld:
+        served = [c for _ in range(40) for c in next(ld)["captions"]]
+        state = ld.state()["sources"][0]
+    waiting = [os.path.basename(ref[0]).split(".")[0] for queue in state["waiting"] for _, ref in queue]
+    times = collections.Counter([c.split()[0] for c in served] + waiting)
+    assert len(served) + len(waiting) == state["epoch"] * len(sizes) + state["consumed"]
+    assert set(times.values()) <= {state["epoch"], state["epoch"] + 1} and len(times) == len(sizes)
+    assert len(waiting) <= 2 * 3

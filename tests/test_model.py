@@ -1,4 +1,5 @@
 """model.py against the reference implementations' golden outputs, plus the weight I/O and its errors."""
+import functools
 import json
 import os
 import shutil
@@ -263,3 +264,60 @@ def test_t5_loader_sharded_and_errors(tmp_path):
         model.load_t5(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         model.load_t5(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("rows, cols", [(3, 7), (7, 3), (5, 5)])
+def test_positions_depend_on_a_tokens_row_and_column_only(mmjit, rows, cols):
+    """Token (r, c) of a rows x cols grid gets the RoPE angles and sin-cos embedding of (r, c) in a square grid."""
+    cfg, _ = mmjit
+    n = max(rows, cols)
+    same_cell = (np.arange(rows)[:, None] * n + np.arange(cols)).ravel()  # row-major (r, c) in the n x n grid
+    np.testing.assert_array_equal(model.rope_angles_2d(rows, cols, 16), model.rope_angles_2d(n, n, 16)[same_cell])
+    np.testing.assert_array_equal(model.sincos_pos_embed(cfg, rows, cols), model.sincos_pos_embed(cfg, n, n)[same_cell])
+
+
+def test_non_square_input_and_a_bad_size(mmjit):
+    cfg, params = mmjit
+    io = np.load(os.path.join(MMJIT, "io.npz"))
+    wide = np.concatenate([io["img"], io["img"][:, :, :16]], axis=2)  # [B, 32, 48, 3]
+    out = jax.jit(model.mmjit_apply, static_argnums=1)(params, cfg, wide, io["context"], io["mask"])
+    assert out.shape == wide.shape and bool(jnp.isfinite(out).all())
+    with pytest.raises(ValueError, match=f"32x30 is not a multiple of the patch size {cfg.patch_size}"):
+        model.mmjit_apply(params, cfg, wide[:, :, :30], io["context"], io["mask"])
+
+
+def test_transposed_input_gives_transposed_output():
+    """Transposing an image swaps each token's row and column. The sin-cos embedding (column first) then swaps
+    its two halves of D, 2-D RoPE (row first) the two quarters of each half of a head, and each patch its own
+    rows and columns. So the network is transpose-equivariant exactly when its weights commute with those
+    swaps, and with a text whose RoPE angles are 0 (one token): generic weights do not (checked last), these
+    (random ones averaged with their swapped copies) do by construction."""
+    cfg = model.MMJiTConfig(patch_size=2, txt_dim=20, hidden_size=32, depth=2, txt_preamble_depth=1, num_heads=2,
+                            head_dim=8, pca_channels=6)  # every dimension its own size: 32, 48, 16, 8, 88, 12
+    D, Dh, H, P = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.patch_size
+    q = Dh // 4
+    in_head = np.concatenate([np.arange(q, 2 * q), np.arange(q), np.arange(3 * q, 4 * q), np.arange(2 * q, 3 * q)])
+    heads = (np.arange(3 * H)[:, None] * Dh + in_head).ravel()  # q, k and v of every head
+    swaps = {D: np.roll(np.arange(D), D // 2), 3 * H * Dh: heads, H * Dh: heads[:H * Dh], Dh: in_head,
+             P * P * 3: np.arange(P * P * 3).reshape(P, P, 3).transpose(1, 0, 2).ravel()}
+
+    def swapped(name, w):
+        if name == "img_embedder.proj1.weight":  # a [P, P, 3, pca] kernel: its own transpose
+            return w.transpose(1, 0, 2, 3)
+        return w[np.ix_(*[swaps.get(n, np.arange(n)) for n in w.shape])]
+
+    rng = np.random.default_rng(0)
+    like = jax.eval_shape(functools.partial(model.init_mmjit, cfg=cfg), jax.random.key(0))
+    generic = {k: (1 + 0.1 * rng.standard_normal(t.shape) if t.ndim == 1 else rng.standard_normal(t.shape)
+                   / np.sqrt(np.prod(t.shape[:-1]))).astype(np.float32) for k, t in model.flatten(like).items()}
+    symmetric = {k: (w + swapped(k, w)) / 2 for k, w in generic.items()}
+    x = rng.standard_normal((2, 6, 10, 3)).astype(np.float32)  # a 3 x 5 grid of patches
+    context, mask = rng.standard_normal((2, 1, cfg.txt_dim)).astype(np.float32), np.ones((2, 1), np.int32)
+    apply = jax.jit(model.mmjit_apply, static_argnums=1)
+    for weights, equivariant in ((symmetric, True), (generic, False)):
+        params = model.unflatten_like(like, weights, "test")
+        out = apply(params, cfg, x, context, mask)
+        out_t = apply(params, cfg, x.transpose(0, 2, 1, 3), context, mask)
+        gap = float(jnp.abs(out_t - out.transpose(0, 2, 1, 3)).max())
+        # float32 sums in another order: 1e-6 of outputs near 1; generic weights miss by O(1)
+        assert gap < 1e-5 if equivariant else gap > 0.1, gap

@@ -63,13 +63,13 @@ def test_guidance_interval():
 
 
 def test_noise_depends_on_seed_only():
-    cfg = model.MMJiTConfig(image_size=8)
-    noise = lambda seeds, scale=2.0: sample.initial_noise([jax.random.key(s) for s in seeds], cfg, scale)
+    shape = (8, 12)  # (H, W)
+    noise = lambda seeds, scale=2.0: sample.initial_noise([jax.random.key(s) for s in seeds], shape, scale)
     whole = noise(range(10, 14))
     np.testing.assert_array_equal(whole, jnp.concatenate([noise([10, 11]), noise([12, 13])]))
     np.testing.assert_array_equal(whole, noise(range(10, 14)))
     assert float(jnp.abs(whole[0] - whole[1]).mean()) > 1  # each seed its own noise
-    assert whole.shape == (4, 8, 8, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
+    assert whole.shape == (4, 8, 12, 3) and 1.8 < float(whole.std()) < 2.2  # 2 N(0, I)
     np.testing.assert_allclose(noise(range(10, 14), 0.5), whole / 4, rtol=1e-6)  # the run's noise scale
 
 
@@ -135,7 +135,8 @@ def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
     pixels, meta = a["0001_0.png"]
     size = sample.read_json(os.path.join(run_dir, "config.json"))["model"]["image_size"]
     assert pixels.shape == (size, size, 3)
-    assert meta == {"prompt": "a blue square", "seed": "7", "steps": "3", "guidance": "3.0", "sampler": "heun"}
+    assert meta == {"prompt": "a blue square", "seed": "7", "steps": "3", "guidance": "3.0", "sampler": "heun",
+                    "width": str(size), "height": str(size)}
 
     # In-process from here (one compile for all): another batch size gives the same images, the same seed the
     # same pixels, and the checkpoint folder itself the run's. (Other seeds need not give other pixels here: a
@@ -149,6 +150,18 @@ def test_cli_end_to_end(run_dir, tmp_path, monkeypatch):
         assert np.abs(a[name][0].astype(int) - b[name][0]).max() <= 1  # batch shape may change float rounding
         np.testing.assert_array_equal(b[name][0], c[name][0])
         np.testing.assert_array_equal(b[name][0], d[name][0])
+
+
+def test_cli_width_and_height(run_dir, tmp_path):
+    """A 2:1 job of a model trained at 16 x 16: every PNG and the grid's cells are 24 x 12."""
+    sample.main(["--ckpt", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "2",
+                 "--n", "1", "--width", "24", "--height", "12", "--out-dir", str(tmp_path / "pngs"),
+                 "--out", str(tmp_path / "grid.png")])
+    pngs = read_pngs(tmp_path / "pngs")
+    assert len(pngs) == 2 and all(p.shape == (12, 24, 3) and m["width"] == "24" and m["height"] == "12"
+                                  for p, m in pngs.values())
+    with Image.open(tmp_path / "grid.png") as grid:  # 2 cells side by side, each enlarged to 11x (128 / 12)
+        assert grid.width >= 2 * 24 * 11 and grid.height >= 12 * 11
 
 
 @pytest.mark.parametrize("use_ema, name", [(True, "ema"), (False, "params")])
@@ -195,6 +208,9 @@ def truncated_run(run_dir, tmp_path):
     (lambda run, tmp: ["--ckpt", run, "--prompts-file", str(tmp / "none.txt")], "--prompts-file"),
     (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--steps", "0"], "--steps must be at least 1"),
     (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--guidance", "-1"], "--guidance must be >= 0"),
+    (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--width", "18"],
+     "--width must be a positive multiple of the model's patch size 4, got 18"),
+    (lambda run, tmp: ["--ckpt", run, "--prompt", "x", "--height", "0"], "--height must be a positive multiple"),
 ])
 def test_bad_input(run_dir, tmp_path, capsys, case, message):
     with pytest.raises(SystemExit) as exit:
