@@ -56,7 +56,7 @@ class Recipe:
     seed: int = 0
     log_every: int = 50
     sample_every: int = 240
-    sample_steps: int = 50
+    sample_steps: int = 15
     guidance: float = 3.0
     ckpt_every: int = 240
     keep: int = 3  # checkpoints kept
@@ -360,7 +360,7 @@ def main(argv=None):
     loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
                          r.text_length, seed=r.seed, process_index=jax.process_index(),
                          process_count=jax.process_count(), state=data_state)
-    prompts = data.SYNTHETIC_PROMPTS if not r.data else DEFAULT_PROMPTS
+    prompts = data.SYNTHETIC_PROMPTS + data.random_captions(56) if not r.data else DEFAULT_PROMPTS  # 8 shown
     grid_ids, grid_mask = tokenizer.encode(prompts, r.text_length)
     grid_noise = sample.initial_noise(range(len(prompts)), cfg)  # the same noise at every sampling
     stop = []
@@ -393,9 +393,14 @@ def main(argv=None):
             if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
                 context = sample.encode_text(t5_params, t5cfg, grid_ids, grid_mask)
                 images = sample.sample(state["ema"], cfg, context, grid_mask, grid_noise, steps=r.sample_steps,
-                                       guidance=r.guidance)
+                                       guidance=r.guidance, sampler="dpm++2m")
                 if jax.process_index() == 0:
-                    sample.make_grid(np.asarray(images), prompts).save(os.path.join(run, "samples", f"step_{done:06d}.png"))
+                    images = np.asarray(images)
+                    sample.make_grid(images[:8], prompts[:8]).save(os.path.join(run, "samples", f"step_{done:06d}.png"))
+                if log and not r.data:  # the share of the 64 synthetic prompts whose sample shows its caption
+                    score = data.faithfulness(images, prompts)
+                    bar.write(f"step {done}: faithfulness {score:.0%} of {len(prompts)} prompts")
+                    log.write(json.dumps({"step": done, "faithfulness": score}) + "\n")
             if done % r.ckpt_every == 0 or done == r.steps or stop:
                 if not np.isfinite(float(metrics["loss"])):  # never overwrite a good checkpoint with a broken one
                     sys.exit(f"train.py: loss is not finite at step {done}; stopping, the last checkpoint is kept")
