@@ -1,5 +1,5 @@
 """Sample images from MiniT2I: solve the flow-matching ODE from noise (t=0) to data (t=1) with DPM-Solver++(2M)
-(default, 15 steps), or the reference's Euler (--sampler euler --steps 100) or Heun, and classifier-free
+(default, 20 steps), or the reference's Euler (--sampler euler --steps 100) or Heun, and classifier-free
 guidance, then write a captioned grid PNG and, with --out-dir, one PNG per image.
 
     python sample.py --ckpt runs/tiny --prompt "a red circle" --prompt "a blue square" --n 4 --guidance 4
@@ -82,9 +82,12 @@ def dpm_solver_2m(denoise, x, ts):
     exact from t = 0 and landing on x0_hat at t' = 1. The second order extrapolates x0_hat linearly in
     lambda = log(t / (1 - t)) from the step before: x0_hat + h / (2 h_prev) (x0_hat - x0_prev), h the
     step's length in lambda. Its weight is 0 after t = 0 (h_prev infinite) and is left out on the last step
-    (h infinite)."""
+    (h infinite), and under 15 steps on the one before too, as in diffusers' DPM-Solver++: there x0_hat
+    settles faster than the long step's linear extrapolation (measured on the default run at guidance 3, 6
+    steps: RMS error 0.034 instead of 0.051; README)."""
     h = jnp.diff(jnp.log(ts) - jnp.log1p(-ts))  # [N], the steps in lambda; the first and the last infinite
-    weight = jnp.concatenate([jnp.zeros(1), h[1:] / (2 * h[:-1])]).at[-1].set(0.0)  # [N]
+    first_order_at_end = 2 if len(h) < 15 else 1
+    weight = jnp.concatenate([jnp.zeros(1), h[1:] / (2 * h[:-1])]).at[-first_order_at_end:].set(0.0)  # [N]
     ratio = (1.0 - ts[1:]) / (1.0 - ts[:-1])  # sigma_t' / sigma_t, [N]
 
     def step(i, carry):
@@ -96,22 +99,19 @@ def dpm_solver_2m(denoise, x, ts):
     return jax.lax.fori_loop(0, len(h), step, (x, x))[0]
 
 
-# Each sampler's time shift by default: uniform for Euler and Heun, as in the reference; measured for dpm++2m
-# (README, Measured).
-TIME_SHIFT = {"euler": 1.0, "heun": 1.0, "dpm++2m": 0.5}
+SAMPLERS = ("dpm++2m", "euler", "heun")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampler", "shift", "dtype"))
 def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="euler", a_min=0.05,
-           guidance_interval=(0.0, 1.0), shift=None, dtype=jnp.float32):
+           guidance_interval=(0.0, 1.0), shift=1.0, dtype=jnp.float32):
     """Images [B, H, W, 3], unclipped, from noise [B, H, W, 3] (already 2 N(0, I)) and T5 features context
     [B, L, Dt] with mask [B, L]. guidance, a_min and the interval are traced: changing them does not
     recompile. Euler and Heun guide the velocity, as the reference does; dpm++2m guides x0 and needs no
-    a_min. shift: the time grid's (time_grid), None for the sampler's own. dtype is the network's compute
-    dtype (the integration stays float32)."""
-    if sampler not in TIME_SHIFT:
-        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(TIME_SHIFT)}")
-    shift = TIME_SHIFT[sampler] if shift is None else shift
+    a_min. shift: the time grid's (time_grid; 1 = uniform, measured the best at guidance 3 and 5 together).
+    dtype is the network's compute dtype (the integration stays float32)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     denoise = guided_denoiser(params, cfg, context, mask, guidance, guidance_interval, dtype)
     if sampler == "dpm++2m":
         return dpm_solver_2m(denoise, noise, time_grid(steps, shift))
@@ -237,15 +237,15 @@ def main(argv=None):
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                         help="guide only the steps at times LO <= t <= HI, t = 0 noise, t = 1 data; elsewhere the "
                              "prompt's prediction alone (default 0 1: every step)")
-    parser.add_argument("--sampler", choices=tuple(TIME_SHIFT), default="dpm++2m",
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m",
                         help="ODE solver: dpm++2m (DPM-Solver++(2M), second order, one network batch a step), "
                              "euler (the reference's) or heun (two batches a step) (default dpm++2m)")
-    parser.add_argument("--steps", type=int, default=15,
-                        help="solver steps, one network batch each (two for heun) (default 15; the reference "
+    parser.add_argument("--steps", type=int, default=20,
+                        help="solver steps, one network batch each (two for heun) (default 20; the reference "
                              "used euler with 100)")
-    parser.add_argument("--time-shift", type=float, metavar="S",
+    parser.add_argument("--time-shift", type=float, default=1.0, metavar="S",
                         help="time grid t -> t / (t + S (1 - t)) of a uniform one (SD3's shift): S < 1 puts more "
-                             "steps near the data, 1 is uniform (default 0.5 for dpm++2m, 1 for euler and heun)")
+                             "steps near the data, S > 1 near the noise (default 1: uniform)")
     parser.add_argument("--seed", type=int, default=0,
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
                              "--n 1 --seed S reproduces it alone")
@@ -269,7 +269,7 @@ def main(argv=None):
             fail(f"{flag} must be at least 1, got {value}")
     if args.guidance < 0:
         fail(f"--guidance must be >= 0, got {args.guidance}")
-    if args.time_shift is not None and args.time_shift <= 0:
+    if args.time_shift <= 0:
         fail(f"--time-shift must be > 0, got {args.time_shift}")
     if not os.path.exists(args.ckpt):
         fail(f"--ckpt {args.ckpt}: no such file or directory")

@@ -56,7 +56,7 @@ class Recipe:
     seed: int = 0
     log_every: int = 50
     sample_every: int = 240
-    sample_steps: int = 15
+    sample_steps: int = 20
     guidance: float = 3.0
     ckpt_every: int = 240
     keep: int = 3  # checkpoints kept
