@@ -233,7 +233,8 @@ def main(argv=None):
     parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     parser.add_argument("--prompts-file", help="one prompt per line (blank lines skipped)")
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
-    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 = none; default 6)")
+    parser.add_argument("--guidance", type=float, default=6.0,
+                        help="classifier-free guidance scale (1 = none; default 6)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                         help="guide only the steps at times LO <= t <= HI, t = 0 noise, t = 1 data; elsewhere the "
                              "prompt's prediction alone (default 0 1: every step)")
