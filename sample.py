@@ -232,7 +232,7 @@ def main(argv=None):
     parser.add_argument("--t5", help="FLAN-T5 folder with spiece.model (overrides the run's T5)")
     parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     parser.add_argument("--prompts-file", help="one prompt per line (blank lines skipped)")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt")
+    parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--guidance", type=float, default=6.0,
                         help="classifier-free guidance scale (1 = none; default 6)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
@@ -249,8 +249,8 @@ def main(argv=None):
                              "steps near the data, S > 1 near the noise (default 1: uniform)")
     parser.add_argument("--seed", type=int, default=0,
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
-                             "--n 1 --seed S reproduces it alone")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch (x2 for guidance)")
+                             "--n 1 --seed S reproduces it alone (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch, x2 for guidance (default 8)")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
     args = parser.parse_args(argv)
