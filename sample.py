@@ -250,7 +250,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
                              "--n 1 --seed S reproduces it alone (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch, x2 for guidance (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images per network batch, x2 for guidance (default 8)")
     parser.add_argument("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     parser.add_argument("--out-dir", help="also write one PNG per image here, with its prompt and seed")
     args = parser.parse_args(argv)
