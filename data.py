@@ -209,11 +209,69 @@ def synthetic_captions():
                    for count, position in layouts})
 
 
+def nearest_colour(pixels, palette):
+    """Index into palette (RGB triples, 0-255) of the colour nearest to each pixel [..., 3]."""
+    return np.argmin(((pixels[..., None, :] - np.array(palette, np.float32)) ** 2).sum(-1), -1)
+
+
+def regions(mask):
+    """Label image of the 4-connected regions of a boolean mask [H, W]: each True pixel gets the smallest
+    flat index in its region (spread one pixel per pass), False pixels get mask.size."""
+    off = mask.size
+    labels = np.where(mask, np.arange(off).reshape(mask.shape), off)
+    while True:
+        p = np.pad(labels, 1, constant_values=off)
+        new = np.where(mask, np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), off)
+        if (new == labels).all():
+            return labels
+        labels = new
+
+
+def read_scene(image):
+    """The inverse of describe(render_scene(...)): a Scene (its captioned fields) read from an image [S, S, 3]
+    in [-1, 1], rendered or sampled, or None when it shows no one or two objects. The background is the
+    palette colour nearest to the border's median; an object pixel is nearer to a shape colour than to the
+    background; objects are regions of at least 2% of the image. The shape is read from the share of its
+    bounding box an object fills (triangle 1/2, circle pi/4, square 1), the position from the box's centre
+    (which the jitter moves by under 0.05, positions being 0.22 apart)."""
+    pixels = (np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5
+    S = pixels.shape[0]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = list(BACKGROUNDS)[nearest_colour(np.median(border, 0), list(BACKGROUNDS.values()))]
+    colours = [c for c in COLOURS if c != background]  # a shape never has its background's colour
+    label = nearest_colour(pixels, [BACKGROUNDS[background]] + [COLOURS[c] for c in colours])  # [S, S], 0 = background
+    objects = regions(label > 0)
+    ids, sizes = np.unique(objects[label > 0], return_counts=True)
+    big = ids[sizes >= 0.02 * S * S]  # specks of a shape colour (antialiased edges, sampling noise) are no objects
+    if len(big) not in (1, 2):
+        return None
+    colour = colours[np.bincount(label[np.isin(objects, big)]).argmax() - 1]  # the objects' majority colour
+    ys, xs = np.nonzero(objects == ids[sizes.argmax()])  # the largest object
+    box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    fill = len(ys) / (box_h * box_w)
+    shape = "triangle" if fill < 0.64 else "circle" if fill < 0.9 else "square"
+    centre = np.array([xs.min() + xs.max() + 1, ys.min() + ys.max() + 1]) / (2 * S)
+    position = list(POSITIONS)[np.argmin([np.hypot(*(centre - p)) for p in POSITIONS.values()])]
+    return Scene(shape, colour, background, len(big), "center" if len(big) == 2 else position)
+
+
+def faithfulness(images, captions):
+    """The share of images [N, S, S, 3] (in [-1, 1]) whose read-back scene has exactly their caption."""
+    scenes = [read_scene(image) for image in images]
+    return float(np.mean([s is not None and describe(s) == c for s, c in zip(scenes, captions)]))
+
+
 # Captions the generator produces, spread over its vocabulary; train.py samples them to show progress.
 SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
     ("circle", "red", "white"), ("square", "blue", "white", 1, "left"), ("triangle", "yellow", "black", 1, "top"),
     ("circle", "green", "gray", 2), ("square", "orange", "blue", 1, "right"), ("triangle", "purple", "white", 2),
     ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
+
+
+def random_captions(n, seed=0):
+    """Captions of n random scenes, the same for the same seed: train.py scores its sample grids on them."""
+    rng = np.random.default_rng(seed)
+    return [describe(random_scene(rng)) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- file samples

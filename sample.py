@@ -1,5 +1,6 @@
-"""Sample images from MiniT2I: integrate the flow-matching ODE from noise (t=0) to data (t=1) with Euler or
-Heun steps and classifier-free guidance, then write a captioned grid PNG and, with --out-dir, one PNG per image.
+"""Sample images from MiniT2I: solve the flow-matching ODE from noise (t=0) to data (t=1) with DPM-Solver++(2M)
+(default, 20 steps), or the reference's Euler (--sampler euler --steps 100) or Heun, and classifier-free
+guidance, then write a captioned grid PNG and, with --out-dir, one PNG per image.
 
     python sample.py --ckpt runs/tiny --prompt "a red circle" --prompt "a blue square" --n 4 --guidance 4
     python sample.py --ckpt MiniT2I-B16 --t5 flan-t5-large --prompts-file geneval.txt --out-dir samples/
@@ -36,31 +37,35 @@ def velocity(x0_hat, x, t, a_min):
     return (x0_hat - x) / jnp.maximum(1.0 - t, a_min)
 
 
-def guided_velocity(params, cfg, context, mask, guidance, a_min, interval, dtype):
-    """velocity_fn(x, t) with classifier-free guidance. The unconditional branch is the same prompt with an
-    all-zero mask (every token becomes mask_token, as in caption-drop training); both branches run as one
-    batch of 2B, and the text adapter runs once, before the first step. Guidance applies to evaluations
-    with lo <= t <= hi; elsewhere the conditional velocity."""
+def guided_denoiser(params, cfg, context, mask, guidance, interval, dtype):
+    """denoise(x, t, per_branch) with classifier-free guidance: per_branch(x0_hat) (x0_hat itself by default)
+    of the prompt and of the unconditional branch, mixed by the guidance scale. The unconditional branch is
+    the same prompt with an all-zero mask (every token becomes mask_token, as in caption-drop training); both
+    run as one batch of 2B, and the text adapter runs once, before the first step. Guidance applies to
+    evaluations with lo <= t <= hi; elsewhere the conditional branch alone."""
     mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)])
     txt2 = model.text_adapter(params, cfg, jnp.concatenate([context, context]), mask2, dtype)  # [2B, L, D], once
 
-    def velocity_fn(x, t):
-        x2 = jnp.concatenate([x, x])  # [2B, H, W, C]
-        x0_hat = model.denoise(params, cfg, x2, txt2, dtype)
-        v_cond, v_uncond = jnp.split(velocity(x0_hat, x2, t, a_min), 2)
-        s = jnp.where((interval[0] <= t) & (t <= interval[1]), guidance, 1.0)  # s = 1 is v_cond
-        return v_uncond + s * (v_cond - v_uncond)
+    def denoise(x, t, per_branch=lambda x0_hat: x0_hat):
+        cond, uncond = map(per_branch, jnp.split(model.denoise(params, cfg, jnp.concatenate([x, x]), txt2, dtype), 2))
+        s = jnp.where((interval[0] <= t) & (t <= interval[1]), guidance, 1.0)  # s = 1 is the conditional branch
+        return uncond + s * (cond - uncond)
 
-    return velocity_fn
+    return denoise
 
 
-def integrate(velocity_fn, x, steps, sampler="euler"):
-    """Solve dx/dt = velocity_fn(x, t) from t=0 to t=1 in `steps` uniform steps. Heun averages the velocity
-    at both ends of each Euler step; on the last step the end point is t=1, where the velocity only rests on
-    the a_min clamp, so that step stays Euler (as in the reference)."""
-    if sampler not in ("euler", "heun"):
-        raise ValueError(f"unknown sampler {sampler!r}: euler or heun")
+def time_grid(steps, shift=1.0):
+    """steps + 1 times from 0 (noise) to 1 (data): the uniform grid, moved by SD3's shift, which lowers
+    lambda = log(t / (1 - t)) by log(shift) at every time. shift < 1 puts more steps near the data."""
     ts = jnp.linspace(0.0, 1.0, steps + 1)
+    return ts if shift == 1.0 else ts / (ts + shift * (1.0 - ts))
+
+
+def integrate(velocity_fn, x, steps, sampler="euler", shift=1.0):
+    """Solve dx/dt = velocity_fn(x, t) from t=0 to t=1 in `steps` steps. Heun averages the velocity at both
+    ends of each Euler step; on the last step the end point is t=1, where the velocity only rests on the
+    a_min clamp, so that step stays Euler (as in the reference)."""
+    ts = time_grid(steps, shift)
 
     def step(i, x):
         t, dt = ts[i], ts[i + 1] - ts[i]
@@ -74,14 +79,47 @@ def integrate(velocity_fn, x, steps, sampler="euler"):
     return jax.lax.fori_loop(0, steps, step, x)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampler", "dtype"))
+def dpm_solver_2m(denoise, x, ts):
+    """DPM-Solver++(2M) (Lu et al., 2022) on the times ts [N + 1]: one x0 per step, no clamp. With alpha_t =
+    t, sigma_t = 1 - t, the first-order step x' = r x + (1 - r) x0_hat, r = sigma_t' / sigma_t, is Euler's,
+    exact from t = 0 and landing on x0_hat at t' = 1. The second order extrapolates x0_hat linearly in
+    lambda = log(t / (1 - t)) from the step before: x0_hat + h / (2 h_prev) (x0_hat - x0_prev), h the
+    step's length in lambda. Its weight is 0 after t = 0 (h_prev infinite) and is left out on the last step
+    (h infinite), and under 15 steps on the one before too, as in diffusers' DPM-Solver++: there x0_hat
+    settles faster than the long step's linear extrapolation (measured on the default run at guidance 3, 6
+    steps: RMS error 0.034 instead of 0.051; README)."""
+    h = jnp.diff(jnp.log(ts) - jnp.log1p(-ts))  # [N], the steps in lambda; the first and the last infinite
+    first_order_at_end = 2 if len(h) < 15 else 1
+    weight = jnp.concatenate([jnp.zeros(1), h[1:] / (2 * h[:-1])]).at[-first_order_at_end:].set(0.0)  # [N]
+    ratio = (1.0 - ts[1:]) / (1.0 - ts[:-1])  # sigma_t' / sigma_t, [N]
+
+    def step(i, carry):
+        x, x0_prev = carry
+        x0_hat = denoise(x, ts[i])
+        x0_2m = x0_hat + weight[i] * (x0_hat - x0_prev)
+        return ratio[i] * x + (1.0 - ratio[i]) * x0_2m, x0_hat
+
+    return jax.lax.fori_loop(0, len(h), step, (x, x))[0]
+
+
+SAMPLERS = ("dpm++2m", "euler", "heun")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampler", "shift", "dtype"))
 def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="euler", a_min=0.05,
-           guidance_interval=(0.0, 1.0), dtype=jnp.float32):
+           guidance_interval=(0.0, 1.0), shift=1.0, dtype=jnp.float32):
     """Images [B, H, W, 3], unclipped, from noise [B, H, W, 3] (already 2 N(0, I)) and T5 features context
     [B, L, Dt] with mask [B, L]. guidance, a_min and the interval are traced: changing them does not
-    recompile. dtype is the network's compute dtype (the integration stays float32)."""
-    velocity_fn = guided_velocity(params, cfg, context, mask, guidance, a_min, guidance_interval, dtype)
-    return integrate(velocity_fn, noise, steps, sampler)
+    recompile. Euler and Heun guide the velocity, as the reference does; dpm++2m guides x0 and needs no
+    a_min. shift: the time grid's (time_grid; 1 = uniform, measured the best at guidance 3 and 5 together).
+    dtype is the network's compute dtype (the integration stays float32)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    denoise = guided_denoiser(params, cfg, context, mask, guidance, guidance_interval, dtype)
+    if sampler == "dpm++2m":
+        return dpm_solver_2m(denoise, noise, time_grid(steps, shift))
+    velocity_fn = lambda x, t: denoise(x, t, lambda x0_hat: velocity(x0_hat, x, t, a_min))
+    return integrate(velocity_fn, noise, steps, sampler, shift)
 
 
 encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, T5Config, ids, mask) -> [B, L, Dt]
@@ -218,8 +256,18 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the "
                                                         f"run's recipe, 3 for tiny; {RELEASED['guidance']} for released weights)")
-    parser.add_argument("--steps", type=int, default=100, help="sampler steps (default 100)")
-    parser.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE solver (default euler)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                        help="guide only the steps at times LO <= t <= HI, t = 0 noise, t = 1 data; elsewhere the "
+                             "prompt's prediction alone (default 0 1: every step)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m",
+                        help="ODE solver: dpm++2m (DPM-Solver++(2M), second order, one network batch a step), "
+                             "euler (the reference's) or heun (two batches a step) (default dpm++2m)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="solver steps, one network batch each (two for heun) (default 20; the reference "
+                             "used euler with 100)")
+    parser.add_argument("--time-shift", type=float, default=1.0, metavar="S",
+                        help="time grid t -> t / (t + S (1 - t)) of a uniform one (SD3's shift): S < 1 puts more "
+                             "steps near the data, S > 1 near the noise (default 1: uniform)")
     parser.add_argument("--seed", type=int, default=0,
                         help="image k (prompt-major) starts from seed + k and its PNG records that seed, so "
                              "--n 1 --seed S reproduces it alone (default 0)")
@@ -254,6 +302,8 @@ def main(argv=None):
             fail(f"{flag} must be at least 1, got {value}")
     if args.guidance is not None and args.guidance < 0:
         fail(f"--guidance must be >= 0, got {args.guidance}")
+    if args.time_shift <= 0:
+        fail(f"--time-shift must be > 0, got {args.time_shift}")
     if not os.path.exists(args.ckpt):
         fail(f"--ckpt {args.ckpt}: no such file or directory")
     try:
@@ -294,7 +344,8 @@ def main(argv=None):
         keys = [jax.random.key(s) for s in range(args.seed + start, args.seed + start + batch)]
         noise = initial_noise(keys, shape, settings["noise_scale"])
         images = sample(params, cfg, encode_text(t5params, t5cfg, ids, mask), mask, noise, steps=args.steps,
-                        guidance=guidance, sampler=args.sampler)
+                        guidance=guidance, sampler=args.sampler, guidance_interval=tuple(args.guidance_interval),
+                        shift=args.time_shift)
         images = np.asarray(images)[:len(chunk)]
         if args.out_dir:
             for k, ((i, j), image) in enumerate(zip(chunk, images)):

@@ -70,7 +70,7 @@ class Recipe:
     seed: int = field(0, "one seed for initialisation, step noise, sample-grid noise and data order")
     log_every: int = field(50, "steps between lines of log.jsonl")
     sample_every: int = field(240, "steps between sample grids in samples/; 0 = none")
-    sample_steps: int = field(50, "sampler steps of each grid")
+    sample_steps: int = field(20, "dpm++2m steps of each sample grid")
     guidance: float = field(3.0, "classifier-free guidance of the grids; sample.py's default for this run")
     ckpt_every: int = field(240, "steps between checkpoints (one is also written at the end and on a stop)")
     keep: int = field(3, "checkpoints kept")
@@ -598,7 +598,10 @@ def main(argv=None):
                     sys.exit(f"train.py: loss is not finite at step {done}; stopping, the last checkpoint is kept")
                 save_checkpoint(run, state, loader.state(), r.keep)
             if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
-                save_grid(run, done, state["ema"], cfg, grid, r)
+                score = save_grid(run, done, state["ema"], cfg, grid, r)
+                if score is not None and first:  # the share of the 64 synthetic prompts whose sample shows it
+                    bar.write(f"step {done}: faithfulness {score:.0%} of {len(prompts)} prompts")
+                    write_log(log, {"step": done, "faithfulness": score})
             if stopping:
                 print(f"train.py: stopped at step {done}; resume with the same command", file=sys.stderr)
                 break
@@ -644,23 +647,30 @@ def log_step(log, bar, metrics, done, clock, r, loader):
 
 
 def grid_prompts(r, captions):
-    """The grids' prompts: the shapes' own for the built-in data, else a few of the run's distinct captions."""
+    """The grids' prompts: for the built-in data the shapes' own and 56 more (only the first 8 are shown; all 64
+    are scored for faithfulness), else a few of the run's distinct captions."""
     if not r.data:
-        return data.SYNTHETIC_PROMPTS
+        return data.SYNTHETIC_PROMPTS + data.random_captions(GRID_PROMPTS * 7)
     distinct = sorted(set(captions))
     return list(np.random.default_rng(r.seed).choice(distinct, min(GRID_PROMPTS, len(distinct)), replace=False))
 
 
 def save_grid(run, done, params, cfg, grid, r):
     """EMA samples of the grid's prompts from the same noise every time, one grid per shape (the tallest, the
-    square and the widest bucket): samples/step_NNNNNN.png at the training size, step_NNNNNN_WxH.png else."""
+    square and the widest bucket): samples/step_NNNNNN.png at the training size, step_NNNNNN_WxH.png else.
+    Returns, for the built-in shapes, the share of the square grid's samples that show their prompt."""
+    score = None
     for h, w in grid["shapes"]:
         noise = sample.initial_noise(grid["keys"], (h, w), r.noise_scale)
-        images = sample.sample(params, cfg, grid["context"], grid["mask"], noise, steps=r.sample_steps,
-                               guidance=r.guidance)
+        images = np.asarray(sample.sample(params, cfg, grid["context"], grid["mask"], noise, steps=r.sample_steps,
+                                          guidance=r.guidance, sampler="dpm++2m"))
+        name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
         if jax.process_index() == 0:
-            name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
-            sample.make_grid(np.asarray(images), grid["prompts"]).save(os.path.join(run, "samples", name + ".png"))
+            sample.make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS]).save(
+                os.path.join(run, "samples", name + ".png"))
+        if h == w and not r.data:
+            score = data.faithfulness(images, grid["prompts"])
+    return score
 
 
 if __name__ == "__main__":

@@ -196,6 +196,22 @@ def test_synthetic_prompts_are_produced_by_the_generator():
     assert len({w for c in seen for w in c.split()}) < 40  # small vocabulary
 
 
+@pytest.mark.parametrize("size, least", [(32, 0.98), (64, 0.99)])
+def test_read_scene_inverts_describe(size, least):
+    """Rendered random scenes read back to their own captions (measured: 100% of these 150 at both sizes;
+    99.8% of 500 at 32 px, one square read as a circle, and 100% at 64 px). Under each other's captions, or
+    noise under theirs, the score is near chance (1 in 360 captions): measured 0 here."""
+    rng = np.random.default_rng(size)
+    scenes = [data.random_scene(rng) for _ in range(150)]
+    images = np.stack([data.render_scene(s, size) for s in scenes])
+    captions = [data.describe(s) for s in scenes]
+    assert data.faithfulness(images, captions) >= least
+    assert data.faithfulness(images, captions[1:] + captions[:1]) <= 0.02
+    noise = rng.standard_normal(images.shape).astype(np.float32)
+    assert data.faithfulness(noise, captions) <= 0.02
+    assert data.read_scene(np.full((size, size, 3), -1.0)) is None  # an empty black image shows no object
+
+
 def test_default_loader_is_synthetic():
     with data.Loader([], 32, 8, FakeTokenizer(), 12, seed=3) as ld:
         b = next(ld)

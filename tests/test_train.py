@@ -120,6 +120,20 @@ def test_resume_is_exact(tmp_path):
         assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
+def test_sample_grid_logs_faithfulness(tmp_path, capsys):
+    """A synthetic run scores each sample grid: the share of its 64 prompts read back from their samples
+    (data.faithfulness), in log.jsonl and on the console; the PNG shows the first 8."""
+    run = str(tmp_path / "run")
+    train.main(SMALL + ["--out", run, "--steps", "1", "--sample-every", "1"])
+    with open(os.path.join(run, "log.jsonl")) as f:
+        scores = [m["faithfulness"] for m in map(json.loads, f) if "faithfulness" in m]
+    assert len(scores) == 1 and 0 <= scores[0] <= 1  # one grid; an untrained net's score is near 0
+    assert f"step 1: faithfulness {scores[0]:.0%} of 64 prompts" in capsys.readouterr().out
+    # the square grid, and the tallest and the widest bucket's (multi-aspect, the tiny default)
+    assert sorted(os.listdir(os.path.join(run, "samples"))) == ["step_000001.png", "step_000001_12x20.png",
+                                                                 "step_000001_20x12.png"]
+
+
 DEVICES_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
