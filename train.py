@@ -80,8 +80,8 @@ class Recipe:
 # Fields that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
              "grad_accum"}
-PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256, log_every=100,
-             sample_every=5000, sample_steps=100, ckpt_every=5000)
+PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256,
+             log_every=100, sample_every=5000, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
 FINETUNE = PAPER | dict(lr=4e-5, steps=40_000, warmup=1000, guidance=5.0)
 RECIPES = {
@@ -114,8 +114,8 @@ def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01,
     t = t[:, None, None, None]
     x_t = t * images + (1 - t) * noise
     x0_hat = model.mmjit_apply(params, cfg, x_t, context, mask, dtype, remat)
-    v_hat = (x0_hat - x_t) / jnp.maximum(1 - t, a_min)  # the clip keeps t -> 1 from blowing up the loss
-    v = (images - x_t) / jnp.maximum(1 - t, a_min)
+    v_hat = sample.velocity(x0_hat, x_t, t, a_min)  # the clip at a_min keeps t -> 1 from blowing up the loss
+    v = sample.velocity(images, x_t, t, a_min)
     return jnp.mean((v_hat - v) ** 2)
 
 
