@@ -268,12 +268,6 @@ SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
     ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
 
 
-def random_captions(n, seed=0):
-    """Captions of n random scenes, the same for the same seed: train.py scores its sample grids on them."""
-    rng = np.random.default_rng(seed)
-    return [describe(random_scene(rng)) for _ in range(n)]
-
-
 # ----------------------------------------------------------------------------- file samples
 
 @dataclasses.dataclass(frozen=True)

@@ -647,12 +647,12 @@ def log_step(log, bar, metrics, done, clock, r, loader):
 
 
 def grid_prompts(r, captions):
-    """The grids' prompts: for the built-in data the shapes' own and 56 more (only the first 8 are shown; all 64
-    are scored for faithfulness), else a few of the run's distinct captions."""
-    if not r.data:
-        return data.SYNTHETIC_PROMPTS + data.random_captions(GRID_PROMPTS * 7)
-    distinct = sorted(set(captions))
-    return list(np.random.default_rng(r.seed).choice(distinct, min(GRID_PROMPTS, len(distinct)), replace=False))
+    """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8 first, then
+    56 more (only 8 are shown; all 64 are scored for faithfulness)."""
+    distinct = sorted(set(captions) - set(data.SYNTHETIC_PROMPTS if not r.data else []))
+    n = GRID_PROMPTS * 7 if not r.data else min(GRID_PROMPTS, len(distinct))
+    chosen = list(np.random.default_rng(r.seed).choice(distinct, n, replace=False))
+    return data.SYNTHETIC_PROMPTS + chosen if not r.data else chosen
 
 
 def save_grid(run, done, params, cfg, grid, r):
