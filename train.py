@@ -1,6 +1,6 @@
 """Train MiniT2I with flow matching: x-prediction, v-loss, AdamW, EMA. From a 2-core laptop to a pod.
 
-    python train.py                                  # tiny model, synthetic shapes, random tiny T5, ~8 min on CPU
+    python train.py                                  # tiny model, synthetic shapes, random tiny T5, ~6 min on 2 CPU cores
     python train.py --preset b16-pretrain --t5 flan-t5-large --data 'cc12m/{00000..02175}.tar'
 
 Running the same command again resumes from the run directory's last checkpoint.
