@@ -8,8 +8,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")  # an unchanged copy of ../shared/fixtures: a clone needs nothing beside it
 
-# A small train.py run (16 px images, 12 text tokens, batch 4) that the tests of train.py and sample.py share.
-SMALL_RUN = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "--log-every", "1", "--sample-every", "0"]
+# A small train.py run (16 px images, 12 text tokens, batch 4) that the tests of train.py and sample.py share:
+# square only (one compiled step per run; the tests that are about buckets turn --multi-aspect back on).
+SMALL_RUN = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "--log-every", "1", "--sample-every", "0",
+             "--no-multi-aspect"]
 
 # Tests compile the same small programs many times over (each run of train.main, each subprocess): JAX's
 # persistent compilation cache, shared through the environment with the subprocesses, compiles each once.

@@ -50,8 +50,7 @@ def user_run(folder, tmp_path_factory):
     """Two steps on the user's folder with flags that each leave a trace."""
     run = str(tmp_path_factory.mktemp("runs") / "mine")
     train.main(SMALL_RUN + ["--data", folder, "--out", run, "--steps", "2", "--ckpt-every", "1", "--keep", "1",
-                            "--warmup", "0", "--lr", "2e-3", "--noise-scale", "1", "--sample-every", "2",
-                            "--no-multi-aspect"])  # square: every picture is served in the two steps
+                            "--warmup", "0", "--lr", "2e-3", "--noise-scale", "1", "--sample-every", "2"])
     return run
 
 
@@ -150,8 +149,7 @@ def test_a_mistake_is_one_line_and_exit_2_from_the_shell(tmp_path):
 
 def test_run_directory_of_another_run_or_finished(user_run, folder):
     config = open(os.path.join(user_run, "config.json")).read()
-    same = SMALL_RUN + ["--data", folder, "--out", user_run, "--keep", "1", "--warmup", "0", "--noise-scale", "1",
-                        "--no-multi-aspect"]
+    same = SMALL_RUN + ["--data", folder, "--out", user_run, "--keep", "1", "--warmup", "0", "--noise-scale", "1"]
     with pytest.raises(train.UsageError, match=r"holds another run \(lr 0.002 -> 0.001; seed 0 -> 3\): give the same"):
         train.main(same + ["--lr", "1e-3", "--seed", "3"])
     with pytest.raises(train.UsageError, match="is finished .2 of --steps 2.: give a larger --steps"):
