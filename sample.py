@@ -286,6 +286,8 @@ def main(argv=None):
             export_diffusers(args.ckpt, args.export_diffusers, use_ema=not args.no_ema)
         except (KeyError, OSError, ValueError) as e:
             fail(f"--export-diffusers: {' '.join(str(e).split())}")
+        print(f"sample.py: wrote {'raw' if args.no_ema else 'EMA'} weights in the Diffusers layout to "
+              f"{args.export_diffusers}", file=sys.stderr)
         return
 
     prompts = list(args.prompt)
