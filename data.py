@@ -644,7 +644,7 @@ class Loader:
             raise ValueError(f"data state is of another set of buckets than the {len(shapes)} given")
         self.batch_size, self.tokenizer, self.max_length = batch_size, tokenizer, max_length
         self.seed, self.image_size = seed, image_size
-        self._state = json.loads(json.dumps(state))
+        self._state = {"upscaled": 0, "cut": 0} | json.loads(json.dumps(state))  # a position saved before the counts
         self.skip_reasons = collections.Counter(self._state["skipped"])
         num_workers = num_workers or min(8, os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="data")
@@ -698,7 +698,7 @@ class Loader:
     def _produce(self, batches):
         """Producer thread: assemble batch after batch into the bounded queue; an error goes there too."""
         skipped = collections.Counter(self._state["skipped"])
-        upscaled, cut = self._state.get("upscaled", 0), self._state.get("cut", 0)
+        upscaled, cut = self._state["upscaled"], self._state["cut"]
         try:
             while not self._stop.is_set():
                 # The same draws on every process, so synthetic positions and batch shapes agree across
