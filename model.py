@@ -430,17 +430,26 @@ def read_safetensors(path):
     return out
 
 
+def safetensors_layout(tensors, metadata=None):
+    """The start of a safetensors file of `tensors` (anything with a shape and a dtype), up to the
+    data, and where in the file each tensor's data begins, in the order given."""
+    header, offset, starts = {"__metadata__": metadata or {}}, 0, {}
+    for k, v in tensors.items():
+        nbytes = math.prod(v.shape) * np.dtype(v.dtype).itemsize
+        header[k] = {"dtype": _NAMES[np.dtype(v.dtype)], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + nbytes]}
+        starts[k], offset = offset, offset + nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    head = struct.pack("<Q", len(blob)) + blob
+    return head, {k: len(head) + start for k, start in starts.items()}
+
+
 def write_safetensors(path, tensors, metadata=None):
     """Write {name: array} atomically (temporary file, then rename)."""
     tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}
-    header, offset = {"__metadata__": metadata or {}}, 0
-    for k, v in tensors.items():
-        header[k] = {"dtype": _NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
-        offset += v.nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
     with open(path + ".tmp", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.write(safetensors_layout(tensors, metadata)[0])
         for v in tensors.values():
             f.write(v.tobytes())
     os.replace(path + ".tmp", path)

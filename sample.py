@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import textwrap
 
@@ -145,14 +146,49 @@ def is_run(path):
     return os.path.isfile(config) and "model" in read_json(config)
 
 
-def latest_checkpoint(run):
-    """The highest finished step: checkpoints are renamed into place, so a step_ folder is complete."""
+ARRAYS = ("params", "ema", "mu", "nu")  # a checkpoint's state trees, one safetensors file each
+
+
+def checkpoint_problem(ckpt):
+    """What makes a step folder unusable (a file missing, cut short or unreadable), in one line, or
+    None where it is complete. Reads its json files and the headers of its arrays, not the
+    arrays."""
+    try:
+        state = read_json(os.path.join(ckpt, "state.json"))
+        # one data position per process that wrote it (counted where the count was not saved yet)
+        processes = state.get("processes") or sum(re.fullmatch(r"data_\d+\.json", f) is not None
+                                                  for f in os.listdir(ckpt))
+        for i in range(processes):
+            read_json(os.path.join(ckpt, f"data_{i}.json"))
+        for name in ARRAYS:
+            model.read_safetensors(os.path.join(ckpt, f"{name}.safetensors"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def checkpoints(run):
+    """The step folders of a run, newest first, each with its checkpoint_problem."""
     root = os.path.join(run, "checkpoints")
-    steps = [d for d in (os.listdir(root) if os.path.isdir(root) else [])
-             if d.startswith("step_") and d[5:].isdigit() and os.path.isfile(os.path.join(root, d, "state.json"))]
-    if not steps:
-        raise FileNotFoundError(f"{run}: no finished checkpoint in {root}")
-    return os.path.join(root, max(steps, key=lambda d: int(d[5:])))
+    names = os.listdir(root) if os.path.isdir(root) else []
+    names = [d for d in names if re.fullmatch(r"step_\d+", d)]
+    paths = [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d[5:]), reverse=True)]
+    return [(path, checkpoint_problem(path)) for path in paths]
+
+
+def latest_checkpoint(run):
+    """The newest complete checkpoint (newer ones may be damaged: a file lost or cut short by a
+    copy, a full disk). FileNotFoundError where the run has none at all; ValueError, saying how to
+    go on, where none is complete."""
+    found = checkpoints(run)
+    if not found:
+        raise FileNotFoundError(f"{run}: no checkpoint in {os.path.join(run, 'checkpoints')}")
+    complete = [path for path, problem in found if problem is None]
+    if not complete:
+        (path, problem), root = found[0], os.path.dirname(found[0][0])
+        raise ValueError(f"{path} is damaged ({problem}) and no earlier checkpoint is complete: "
+                         f"move {root} aside to train this run again from step 0")
+    return complete[0]
 
 
 def load_denoiser(path, use_ema=True):

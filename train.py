@@ -9,7 +9,9 @@ import argparse
 import dataclasses
 import functools
 import io
+import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -226,7 +228,7 @@ def init_state(key, cfg):
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-ARRAYS = ("params", "ema", "mu", "nu")  # the state's trees, one safetensors file each (the step goes in state.json)
+ARRAYS = sample.ARRAYS  # the state's trees, one safetensors file each (the step goes in state.json)
 
 
 class CheckpointError(Exception):
@@ -234,57 +236,100 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(run, state, data_state, keep):
-    """Write to a temporary directory, then rename: a kill at any moment leaves the last one loadable, and so
-    does a failed write (disk full, quota, permissions): its temporary directory is removed and every process
-    raises CheckpointError, none waits for the others for ever. Every process writes its own data position;
-    process 0 the arrays and a copy of config.json, so a step folder copied out of its run still loads (shared
+    """Write to a temporary directory, then rename: a kill at any moment leaves the last one
+    loadable, and so does a failed write (disk full, quota, permissions): its temporary directory is
+    removed and every process raises CheckpointError, none waits for the others for ever. Process 0
+    lays out each safetensors file, then every process writes the shards it holds into it: no host
+    gathers the state. Each process writes its own data position; process 0 the step, the process
+    count and a copy of config.json, so a step folder copied out of its run still loads (shared
     filesystem assumed)."""
     step, first = int(state["step"]), jax.process_index() == 0
     folder = os.path.join(run, "checkpoints")
     tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
-    host = multihost_utils.process_allgather({k: state[k] for k in ARRAYS}, tiled=True)
-    files = {f"data_{jax.process_index()}.json": data_state}
+    arrays = {os.path.join(tmp, f"{k}.safetensors"): model.flatten(state[k]) for k in ARRAYS}
+
+    def attempt(writes):
+        """Each write(path) in turn, then the same answer on every process: did all succeed?"""
+        error = None
+        try:
+            for path, write in writes:
+                write(path)
+        except OSError as e:
+            error = f"{path}: {e.strerror or e}"
+        if np.any(multihost_utils.process_allgather(np.int32(error is not None))):
+            if first:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = error or "another process could not write"
+            raise CheckpointError(f"checkpoint of step {step} not saved: {reason}; the last "
+                                  "checkpoint, if any, is kept and the same command resumes "
+                                  "from it")
+
+    fresh_dir = lambda path: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
+    counts = {"step": step, "processes": jax.process_count()}
+    config = functools.partial(shutil.copy, os.path.join(run, "config.json"))
+    allocate = [(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()]
+    layout = [(tmp, fresh_dir), *allocate,
+              (os.path.join(tmp, "state.json"), functools.partial(write_json, content=counts)),
+              (os.path.join(tmp, "config.json"), config)]
+    attempt(layout if first else [])
+    own = os.path.join(tmp, f"data_{jax.process_index()}.json")
+    attempt([(own, functools.partial(write_json, content=data_state)),
+             *[(path, functools.partial(write_shards, tensors=t)) for path, t in arrays.items()]])
     if first:
-        files |= {f"{k}.safetensors": model.flatten(host[k]) for k in ARRAYS} | {"state.json": {"step": step}}
-    error, path = None, tmp
-    try:
-        if first:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        multihost_utils.sync_global_devices("checkpoint dir")
-        for name, content in files.items():
-            path = os.path.join(tmp, name)
-            if name.endswith(".json"):
-                with open(path, "w") as f:
-                    json.dump(content, f)
-            else:
-                model.write_safetensors(path, content)
-        if first:
-            path = os.path.join(tmp, "config.json")
-            shutil.copy(os.path.join(run, "config.json"), path)
-    except OSError as e:
-        error = f"{path}: {e.strerror or e}"
-    if np.any(multihost_utils.process_allgather(np.int32(error is not None))):  # every process learns of a failure
-        if first:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"checkpoint of step {step} not saved: {error or 'another process could not write'}; "
-                              "the last checkpoint, if any, is kept and the same command resumes from it")
-    if first:
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
         os.replace(tmp, final)
-        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_"))[:-keep]:
-            shutil.rmtree(os.path.join(folder, old))
+        names = os.listdir(folder)
+        stale = [d for d in names if d[:4] == "tmp_"]  # left by a kill before its rename
+        for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + stale:
+            shutil.rmtree(os.path.join(folder, name))
     multihost_utils.sync_global_devices("checkpoint renamed")
 
 
+def write_json(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
+def lay_out(path, tensors):
+    """A safetensors file of `tensors` {name: array}: its header and size, the data yet to be
+    written."""
+    head, _ = model.safetensors_layout(tensors)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(x.nbytes for x in tensors.values()))
+
+
+def write_shards(path, tensors):
+    """Write the shards of `tensors` {name: global array} that this process holds, one copy of each
+    (replica 0), into the file lay_out made for them: one shard on the host at a time, never the
+    shards of other processes."""
+    _, starts = model.safetensors_layout(tensors)
+    with open(path, "r+b") as f:
+        for name, x in tensors.items():
+            for shard in x.addressable_shards:
+                if shard.replica_id == 0:
+                    write_block(f, starts[name], x.shape, shard.index, np.asarray(shard.data))
+
+
+def write_block(f, start, shape, index, block):
+    """Write block, the values at `index` (slices) of a C-order tensor of `shape` whose data begins
+    at `start` in file f: one contiguous run for each index of the axes before the last one that the
+    block cuts (a single run for a block of whole rows)."""
+    starts = [s.indices(n)[0] for s, n in zip(index, shape)]
+    cut = max([a for a in range(len(shape)) if block.shape[a] != shape[a]], default=0)
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]  # in elements
+    for i in np.ndindex(block.shape[:cut]):
+        offset = sum((s + j) * n for s, j, n in zip(starts, i + (0,) * (len(shape) - cut), strides))
+        f.seek(start + offset * block.itemsize)
+        f.write(block[i].tobytes())
+
+
 def restore_checkpoint(path, state_shapes, shardings):
-    with open(os.path.join(path, "state.json")) as f:
-        step = json.load(f)["step"]
+    step = sample.read_json(os.path.join(path, "state.json"))["step"]
     state = {k: model.load_params(os.path.join(path, f"{k}.safetensors"), state_shapes[k])
              for k in ARRAYS}
     state["step"] = jnp.asarray(step, jnp.int32)
-    data_file = os.path.join(path, f"data_{jax.process_index()}.json")
-    with open(data_file) as f:
-        data_state = json.load(f)
+    data_state = sample.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
     return jax.device_put(state, shardings), data_state
 
 
@@ -433,10 +478,16 @@ def check_resume(run, config, r):
         raise UsageError(f"--out {run} holds another run ({'; '.join(diff)}): give the same flags to resume it, "
                          "or another --out")
     try:
-        with open(os.path.join(sample.latest_checkpoint(run), "state.json")) as f:
-            step = json.load(f)["step"]
-    except FileNotFoundError:
+        ckpt = sample.latest_checkpoint(run)
+    except FileNotFoundError:  # none at all: the run starts
         return
+    except ValueError as e:  # none complete
+        raise UsageError(e) from None
+    step = sample.read_json(os.path.join(ckpt, "state.json"))["step"]
+    written = sum(re.fullmatch(r"data_\d+\.json", f) is not None for f in os.listdir(ckpt))
+    if written != jax.process_count():  # a process's data position is in its own split of the data
+        raise UsageError(f"{ckpt} holds the data positions of {written} processes and this run has "
+                         f"{jax.process_count()}: resume it on {written}")
     if step >= r.steps:
         raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger --steps to train it "
                          "further, or another --out for a new run")
@@ -545,16 +596,21 @@ def main(argv=None):
     state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
     step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r)
     t5_params = jax.device_put(t5_params, NamedSharding(mesh, P()))
-    ckpt = data_state = None
-    try:
-        ckpt = sample.latest_checkpoint(run)
-        state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
-    except FileNotFoundError:  # a new run
+    found = sample.checkpoints(run)  # newest first
+    damaged = list(itertools.takewhile(lambda c: c[1], found))  # check_resume refused all damaged
+    if len(damaged) == len(found):  # no checkpoint at all: a new run
+        data_state = None
         state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(rng(r.seed, "init"))
         if init is not None:  # the EMA its own copy: the step donates both
             state = jax.device_put(state | {"params": init, "ema": jax.tree.map(jnp.copy, init)}, shardings)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot resume from {ckpt}: {e}") from None
+    else:
+        ckpt = found[len(damaged)][0]
+        for path, problem in damaged if first else []:
+            print(f"train.py: {path} is damaged ({problem}); resuming from {ckpt}", file=sys.stderr)
+        try:
+            state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot resume from {ckpt}: {e}") from None
     start = int(state["step"])
 
     # Encode-once: where every caption is known and the distinct ones are fewer than the encodings the steps

@@ -265,7 +265,7 @@ def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch
     step 1's checkpoint stays the latest with no half-written folder beside it, and the same command resumes."""
     run = str(tmp_path / "run")
     args = SMALL + ["--out", run, "--steps", "2", "--ckpt-every", "1"]
-    write, restore, failed = model.write_safetensors, train.restore_checkpoint, []
+    write, restore, failed = train.write_shards, train.restore_checkpoint, []
 
     def disk_full_once(path, *a, **k):
         if "tmp_00000002" in path and not failed:
@@ -273,7 +273,7 @@ def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(path, *a, **k)
 
-    monkeypatch.setattr(model, "write_safetensors", disk_full_once)
+    monkeypatch.setattr(train, "write_shards", disk_full_once)
     with pytest.raises(train.CheckpointError) as e:
         train.main(args)
     assert str(e.value).splitlines() == [str(e.value)] and failed[0] in str(e.value)
