@@ -151,19 +151,21 @@ ARRAYS = ("params", "ema", "mu", "nu")  # a checkpoint's state trees, one safete
 
 def checkpoint_problem(ckpt):
     """What makes a step folder unusable (a file missing, cut short or unreadable), in one line, or
-    None where it is complete. Reads its json files and the headers of its arrays, not the
-    arrays."""
+    None where it is complete. Reads its json files and its arrays' headers, not its arrays."""
+    path = os.path.join(ckpt, "state.json")
     try:
-        state = read_json(os.path.join(ckpt, "state.json"))
+        state = read_json(path)
         # one data position per process that wrote it (counted where the count was not saved yet)
         processes = state.get("processes") or sum(re.fullmatch(r"data_\d+\.json", f) is not None
                                                   for f in os.listdir(ckpt))
-        for i in range(processes):
-            read_json(os.path.join(ckpt, f"data_{i}.json"))
-        for name in ARRAYS:
-            model.read_safetensors(os.path.join(ckpt, f"{name}.safetensors"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return " ".join(str(e).split())
+        for path in [os.path.join(ckpt, f"data_{i}.json") for i in range(processes)]:
+            read_json(path)
+        for path in [os.path.join(ckpt, f"{k}.safetensors") for k in ARRAYS]:
+            model.read_safetensors(path)
+    except OSError as e:
+        return f"{os.path.basename(path)}: {e.strerror or e}"
+    except ValueError as e:  # not json, or not a safetensors file
+        return f"{os.path.basename(path)}: {' '.join(str(e).removeprefix(path + ': ').split())}"
     return None
 
 

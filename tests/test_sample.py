@@ -127,9 +127,13 @@ def test_noise_depends_on_seed_only():
 def test_latest_checkpoint(tmp_path):
     for name, finished in (("step_00000002", True), ("step_00000010", True), ("step_00000020", False),
                            ("tmp_00000030", True)):
-        os.makedirs(tmp_path / "checkpoints" / name)
+        folder = tmp_path / "checkpoints" / name
+        os.makedirs(folder)
         if finished:
-            (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
+            (folder / "state.json").write_text('{"step": 1, "processes": 1}')
+            (folder / "data_0.json").write_text("{}")
+            for k in sample.ARRAYS:
+                model.write_safetensors(str(folder / f"{k}.safetensors"), {})
     assert sample.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_00000010")
 
 
