@@ -462,8 +462,9 @@ def flatten(tree):
     return {name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def unflatten_like(template, flat, source):
-    """Arrange flat {name: array} in the structure of `template`, checking every name and shape."""
+def unflatten_like(template, flat, source, put=lambda x, t: jnp.asarray(x, t.dtype)):
+    """Arrange flat {name: array} in the structure of `template`, checking every name and shape;
+    each array becomes put(array, its template leaf)."""
     expected = flatten(template)
     for k in flat.keys() - expected.keys():
         raise ValueError(f"{source}: unexpected key {k}")
@@ -472,7 +473,7 @@ def unflatten_like(template, flat, source):
             raise ValueError(f"{source}: missing key {k}")
         if tuple(flat[k].shape) != tuple(t.shape):
             raise ValueError(f"{source}: key {k} has shape {tuple(flat[k].shape)}, expected {tuple(t.shape)}")
-    leaves = [jnp.asarray(flat[k], t.dtype) for k, t in expected.items()]
+    leaves = [put(flat[k], t) for k, t in expected.items()]
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 

@@ -325,10 +325,17 @@ def write_block(f, start, shape, index, block):
 
 
 def restore_checkpoint(path, state_shapes, shardings):
+    """The state and this process's data position: each process reads from the memory-mapped arrays
+    only the slices that its devices hold, whatever the mesh that wrote them."""
     step = sample.read_json(os.path.join(path, "state.json"))["step"]
-    state = {k: model.load_params(os.path.join(path, f"{k}.safetensors"), state_shapes[k])
-             for k in ARRAYS}
-    state["step"] = jnp.asarray(step, jnp.int32)
+    state = {"step": jnp.asarray(step, jnp.int32)}
+    put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
+                                                    lambda i: np.asarray(x[i], t.dtype))
+    for k in ARRAYS:
+        like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state_shapes[k], shardings[k])
+        file = os.path.join(path, f"{k}.safetensors")
+        state[k] = model.unflatten_like(like, model.read_safetensors(file), file, put)
     data_state = sample.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
     return jax.device_put(state, shardings), data_state
 
