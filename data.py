@@ -161,7 +161,7 @@ class Loader:
     several processes must share (pass process 0's). state() is this process's position after the
     last batch returned; pass it back as `state` to continue with unseen data. Close it (or use
     `with`). The tokenizer needs encode(texts, max_length) -> (ids, mask) and lengths(texts) ->
-    untruncated token counts. Skips, upscaled images and cut captions are counted in first passes."""
+    untruncated token counts. Skips, upscaled images and cut captions count in first passes."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0,
                  process_index=0, process_count=1, num_workers=None, state=None, buckets=None,
@@ -182,16 +182,16 @@ class Loader:
         self.joint = weights[:, None] / weights.sum() * np.asarray(frequencies)
         self.bucket_cdf = np.cumsum(self.joint.sum(0)) / self.joint.sum()
         self.bucket_phase = np.random.default_rng([seed, _BUCKET]).random()
-        self.shapes, self.batch_size, self.seed, self.image_size = shapes, batch_size, seed, image_size
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.shapes, self.batch_size, self.seed = shapes, batch_size, seed
+        self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length
         fresh = {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {}}
         # The counts' defaults also serve a position saved before they were kept.
         self._state = {"upscaled": 0, "cut": 0} | json.loads(json.dumps(state or fresh))
         positions = self._state["sources"]
         if len(positions) != len(specs):
-            raise ValueError(f"data state has {len(positions)} sources but --data gives {len(specs)}")
+            raise ValueError(f"data state has {len(positions)} sources; --data gives {len(specs)}")
         if any(len(p.get("waiting", shapes)) != len(shapes) for p in positions):
-            raise ValueError(f"data state is of another set of buckets than the {len(shapes)} given")
+            raise ValueError(f"data state is of another set of buckets than these {len(shapes)}")
         self.skip_reasons = collections.Counter(self._state["skipped"])
         self._skipped = collections.Counter(self._state["skipped"])  # the producer's, ahead
         workers = num_workers or min(8, os.cpu_count() or 1)
@@ -217,7 +217,8 @@ class Loader:
                 u = (self.bucket_phase + batches * GOLDEN) % 1
                 k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
                 p = self.joint[:, k] / self.joint[:, k].sum()
-                picks = np.random.default_rng([self.seed, _MIX, batches]).choice(len(p), self.batch_size, p=p)
+                rng = np.random.default_rng([self.seed, _MIX, batches])
+                picks = rng.choice(len(p), self.batch_size, p=p)
                 slots = [self._streams[i].take(k) for i in picks]  # (epoch, future): all at once
                 images, captions, scaled = zip(*(future.result() for _, future in slots))
                 first = np.array([epoch == 0 for epoch, _ in slots])
@@ -352,7 +353,8 @@ class _Stream:
                 bucket = self.source.shapes.index(future.result()[0].shape[:2])
                 return bucket, (epoch, ref, future)
             if epoch > self.good_epoch + 1:
-                raise ValueError(f"--data {self.source.name}: a whole epoch without a usable sample")
+                name = self.source.name
+                raise ValueError(f"--data {name}: a whole epoch without a usable sample")
 
     def _usable(self, epoch, ref, future):
         try:
@@ -487,7 +489,7 @@ def shuffle_buffer(items, rng, size):
 
 
 def parse_sources(specs):
-    """["path[:weight]", ...] -> [(path, weight)]; the weight (default 1) is split off if it parses."""
+    """["path[:weight]", ...] -> [(path, weight)]; a weight (default 1) is split off if numeric."""
     sources = []
     for spec in specs:
         path, weight = spec, 1.0
@@ -672,8 +674,8 @@ def aspect_buckets(size, patch, count=5, budget=0.1):
     g = size // patch
     grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
              if abs(r * c - g * g) <= budget * g * g]
-    nearest = [min(grids, key=lambda rc: (abs(np.log2(rc[1] / rc[0]) - k), abs(rc[0] * rc[1] - g * g)))
-               for k in np.linspace(-1, 1, count)]
+    distance = lambda k: lambda rc: (abs(np.log2(rc[1] / rc[0]) - k), abs(rc[0] * rc[1] - g * g))
+    nearest = [min(grids, key=distance(k)) for k in np.linspace(-1, 1, count)]
     return list(dict.fromkeys((r * patch, c * patch) for r, c in nearest))
 
 
@@ -712,16 +714,19 @@ def bucket_table(specs, seed, shapes):
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (240, 210, 40), "purple": (140, 60, 190), "orange": (245, 135, 30)}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": COLOURS["blue"]}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128),
+               "blue": COLOURS["blue"]}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"center": (0.5, 0.5), "left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
-PLACES = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+POSITIONS = {"center": (0.5, 0.5), "left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28),
+             "bottom": (0.5, 0.72)}
+PLACES = {"center": "in the center", "left": "on the left", "right": "on the right",
+          "top": "at the top", "bottom": "at the bottom"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """One synthetic image: `count` (1 or 2) same-coloured shapes; one object sits at `position`, two sit side
-    by side. dx, dy and scale jitter the layout a little and are not in the caption."""
+    """One synthetic image: `count` (1 or 2) same-coloured shapes; one object sits at `position`,
+    two sit side by side. dx, dy and scale jitter the layout a little and are not in the caption."""
     shape: str
     colour: str
     background: str
@@ -737,7 +742,8 @@ def random_scene(rng):
     backgrounds = [b for b in BACKGROUNDS if b != colour]
     dx, dy = rng.uniform(-0.04, 0.04, 2)
     return Scene(shape=SHAPES[rng.integers(len(SHAPES))], colour=colour,
-                 background=backgrounds[rng.integers(len(backgrounds))], count=1 + int(rng.integers(2)),
+                 background=backgrounds[rng.integers(len(backgrounds))],
+                 count=1 + int(rng.integers(2)),
                  position=list(POSITIONS)[rng.integers(len(POSITIONS))], dx=float(dx), dy=float(dy),
                  scale=float(rng.uniform(0.9, 1.1)))
 
@@ -747,12 +753,13 @@ def describe(scene):
     if scene.count == 2:
         return f"two {scene.colour} {scene.shape}s on a {scene.background} background"
     article = "an" if scene.colour[0] in "aeiou" else "a"
-    return f"{article} {scene.colour} {scene.shape} {PLACES[scene.position]} on a {scene.background} background"
+    return (f"{article} {scene.colour} {scene.shape} {PLACES[scene.position]} on a "
+            f"{scene.background} background")
 
 
 def render_scene(scene, height, width=None):
-    """Scene -> float32 [height, width, 3] in [-1, 1] (width defaults to height); positions are fractions of
-    the canvas, sizes of its shorter side. Drawn at 4x and box-downsampled for clean edges."""
+    """Scene -> float32 [height, width, 3] in [-1, 1] (width defaults to height); positions are
+    fractions of the canvas, sizes of its shorter side. Drawn at 4x and box-downsampled."""
     width = width or height
     im = Image.new("RGB", (4 * width, 4 * height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
@@ -780,43 +787,54 @@ def synthetic_captions():
                    for count, position in layouts})
 
 
+# Captions the generator produces, spread over its vocabulary; train.py shows progress on them.
+SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
+    ("circle", "red", "white"), ("square", "blue", "white", 1, "left"),
+    ("triangle", "yellow", "black", 1, "top"), ("circle", "green", "gray", 2),
+    ("square", "orange", "blue", 1, "right"), ("triangle", "purple", "white", 2),
+    ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
+
+
 def nearest_colour(pixels, palette):
     """Index into palette (RGB triples, 0-255) of the colour nearest to each pixel [..., 3]."""
     return np.argmin(((pixels[..., None, :] - np.array(palette, np.float32)) ** 2).sum(-1), -1)
 
 
 def regions(mask):
-    """Label image of the 4-connected regions of a boolean mask [H, W]: each True pixel gets the smallest
-    flat index in its region (spread one pixel per pass), False pixels get mask.size."""
+    """Label image of the 4-connected regions of a boolean mask [H, W]: each True pixel gets the
+    smallest flat index in its region (spread one pixel per pass), False pixels get mask.size."""
     off = mask.size
     labels = np.where(mask, np.arange(off).reshape(mask.shape), off)
     while True:
         p = np.pad(labels, 1, constant_values=off)
-        new = np.where(mask, np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), off)
+        neighbours = [labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]
+        new = np.where(mask, np.minimum.reduce(neighbours), off)
         if (new == labels).all():
             return labels
         labels = new
 
 
 def read_scene(image):
-    """The inverse of describe(render_scene(...)): a Scene (its captioned fields) read from an image [S, S, 3]
-    in [-1, 1], rendered or sampled, or None when it shows no one or two objects. The background is the
-    palette colour nearest to the border's median; an object pixel is nearer to a shape colour than to the
-    background; objects are regions of at least 2% of the image. The shape is read from the share of its
-    bounding box an object fills (triangle 1/2, circle pi/4, square 1), the position from the box's centre
-    (which the jitter moves by under 0.05, positions being 0.22 apart)."""
+    """The inverse of describe(render_scene(...)): a Scene (its captioned fields) read from an image
+    [S, S, 3] in [-1, 1], rendered or sampled, or None when it shows no one or two objects. The
+    background is the palette colour nearest to the border's median; an object pixel is nearer to a
+    shape colour than to the background; objects are regions of at least 2% of the image. The
+    shape is read from the share of its bounding box an object fills (triangle 1/2, circle pi/4,
+    square 1), the position from the box's centre (the jitter moves it by under 0.05, positions
+    being 0.22 apart)."""
     pixels = (np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5
     S = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = list(BACKGROUNDS)[nearest_colour(np.median(border, 0), list(BACKGROUNDS.values()))]
     colours = [c for c in COLOURS if c != background]  # a shape never has its background's colour
-    label = nearest_colour(pixels, [BACKGROUNDS[background]] + [COLOURS[c] for c in colours])  # [S, S], 0 = background
+    palette = [BACKGROUNDS[background]] + [COLOURS[c] for c in colours]
+    label = nearest_colour(pixels, palette)  # [S, S], 0 = background
     objects = regions(label > 0)
     ids, sizes = np.unique(objects[label > 0], return_counts=True)
-    big = ids[sizes >= 0.02 * S * S]  # specks of a shape colour (antialiased edges, sampling noise) are no objects
+    big = ids[sizes >= 0.02 * S * S]  # specks (antialiased edges, sampling noise) are no objects
     if len(big) not in (1, 2):
         return None
-    colour = colours[np.bincount(label[np.isin(objects, big)]).argmax() - 1]  # the objects' majority colour
+    colour = colours[np.bincount(label[np.isin(objects, big)]).argmax() - 1]  # the majority colour
     ys, xs = np.nonzero(objects == ids[sizes.argmax()])  # the largest object
     box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = len(ys) / (box_h * box_w)
@@ -827,15 +845,6 @@ def read_scene(image):
 
 
 def faithfulness(images, captions):
-    """The share of images [N, S, S, 3] (in [-1, 1]) whose read-back scene has exactly their caption."""
+    """The share of images [N, S, S, 3] (in [-1, 1]) whose read-back scene has its exact caption."""
     scenes = [read_scene(image) for image in images]
     return float(np.mean([s is not None and describe(s) == c for s, c in zip(scenes, captions)]))
-
-
-# Captions the generator produces, spread over its vocabulary; train.py samples them to show progress.
-SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
-    ("circle", "red", "white"), ("square", "blue", "white", 1, "left"), ("triangle", "yellow", "black", 1, "top"),
-    ("circle", "green", "gray", 2), ("square", "orange", "blue", 1, "right"), ("triangle", "purple", "white", 2),
-    ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
-
-

@@ -575,10 +575,10 @@ def main(argv=None):
     grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
             "keys": jax.random.split(rng(r.seed, "grid"), len(prompts)),
             "shapes": buckets[::len(buckets) // 2 or 1]}  # the tallest, square, the widest
-    # Bucket frequencies from process 0's probe, the same table on every host by construction.
-    table = np.zeros((len(data.parse_sources(r.data or ["synthetic"])), len(buckets)))
+    # The bucket frequencies of process 0's probe, on every host: hosts draw the same batch shapes.
+    table = np.zeros((len(data.parse_sources(r.data or ["synthetic"])), len(buckets)), np.float32)
     if jax.process_index() == 0:
-        table = data.bucket_table(list(r.data), r.seed, buckets)
+        table = data.bucket_table(list(r.data), r.seed, buckets).astype(np.float32)
     table = multihost_utils.broadcast_one_to_all(table)
     loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
                          r.text_length, seed=r.seed, process_index=jax.process_index(),
