@@ -24,11 +24,9 @@ import itertools
 import json
 import math
 import os
-import queue
 import re
 import sys
 import tarfile
-import threading
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -37,7 +35,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "json")  # preferred in this order when a sample has several
 MIN_SIDE = 8  # images with a shorter side below this are skipped
 SHUFFLE_BUFFER = 1000
-PREFETCH_BATCHES = 2
+PREFETCH_BATCHES = 2  # batches read ahead
 NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
 STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
 CAPTION_SAMPLE = 50_000  # captions read per source at start-up (all of a smaller source)
@@ -159,9 +157,9 @@ class Loader:
     "captions": B str} mixed from weighted sources, each batch of one of `buckets` (H, W) shapes
     (default: one image_size square). `frequencies`: bucket_table's [sources, buckets] table, which
     several processes must share (pass process 0's). state() is this process's position after the
-    last batch returned; pass it back as `state` to continue with unseen data. Close it (or use
-    `with`). The tokenizer needs encode(texts, max_length) -> (ids, mask) and lengths(texts) ->
-    untruncated token counts. Skips, upscaled images and cut captions count in first passes."""
+    last batch; pass it back as `state` to continue with unseen data. Close it (or use `with`). The
+    tokenizer needs encode(texts, max_length) -> (ids, mask) and lengths(texts) -> untruncated
+    token counts. Skips, upscaled images and cut captions count in a source's first pass."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0,
                  process_index=0, process_count=1, num_workers=None, state=None, buckets=None,
@@ -193,48 +191,47 @@ class Loader:
         if any(len(p.get("waiting", shapes)) != len(shapes) for p in positions):
             raise ValueError(f"data state is of another set of buckets than these {len(shapes)}")
         self.skip_reasons = collections.Counter(self._state["skipped"])
-        self._skipped = collections.Counter(self._state["skipped"])  # the producer's, ahead
-        workers = num_workers or min(8, os.cpu_count() or 1)
+        self._skipped = self.skip_reasons.copy()  # ahead: counted as the next batches are read
+        self._planned = collections.deque()
+        workers, self.closed = num_workers or min(8, os.cpu_count() or 1), False
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="data")
-        self._streams = [
-            _Drawn(source, position, self._pool) if isinstance(source, Synthetic) else
-            _Stream(source, position, self._pool, 2 * workers + 2, READ_AHEAD * batch_size,
-                    self._skip) for source, position in zip(self.sources, positions)]
-        self._queue = queue.Queue(PREFETCH_BATCHES)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, daemon=True)
-        self._thread.start()
+        depth = PREFETCH_BATCHES * batch_size + workers  # file reads in flight: the pool works on
+        self._streams = [_Stream(source, position, self._pool, depth, READ_AHEAD * batch_size,
+                                 self._skip) for source, position in zip(self.sources, positions)]
 
-    def _produce(self):
-        """Producer thread: batch after batch into the bounded queue; an error goes there too."""
-        batches, upscaled, cut = (self._state[k] for k in ("batches", "upscaled", "cut"))
-        try:
-            while not self._stop.is_set():
-                # The same draws on every process, so batch shapes agree across processes. The
-                # bucket is frac(phase + b * golden ratio) through the buckets' cumulative
-                # frequencies: each one's count of batches stays within a few of its share, where
-                # independent draws would drift by sqrt(batches).
-                u = (self.bucket_phase + batches * GOLDEN) % 1
-                k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
-                p = self.joint[:, k] / self.joint[:, k].sum()
-                rng = np.random.default_rng([self.seed, _MIX, batches])
-                picks = rng.choice(len(p), self.batch_size, p=p)
-                slots = [self._streams[i].take(k) for i in picks]  # (epoch, future): all at once
-                images, captions, scaled = zip(*(future.result() for _, future in slots))
-                first = np.array([epoch == 0 for epoch, _ in slots])
-                ids, mask = self.tokenizer.encode(captions, self.max_length)
-                long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
-                upscaled += int((np.array(scaled) & first).sum())
-                cut += int((long & first).sum())
-                batches += 1
-                batch = {"images": np.stack([fit(im, self.shapes[k]) for im in images]),
-                         "ids": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.int32),
-                         "captions": list(captions)}
-                state = {"batches": batches, "sources": [s.state() for s in self._streams],
-                         "skipped": dict(self._skipped), "upscaled": upscaled, "cut": cut}
-                self._put((batch, state))
-        except Exception as e:
-            self._put(e)
+    def __next__(self):
+        if self.closed:
+            raise RuntimeError("the data loader is closed")
+        st = self._state
+        while len(self._planned) <= PREFETCH_BATCHES:  # the reads of the next batches start now
+            self._planned.append(self._plan(st["batches"] + len(self._planned)))
+        k, slots, positions, skipped = self._planned.popleft()
+        images, captions, scaled = zip(*(future.result() for _, future in slots))
+        first = np.array([epoch == 0 for epoch, _ in slots])
+        ids, mask = self.tokenizer.encode(captions, self.max_length)
+        long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
+        st["upscaled"] += int((np.array(scaled) & first).sum())
+        st["cut"] += int((long & first).sum())
+        st["batches"] += 1
+        st["sources"], st["skipped"] = positions, skipped
+        self.skip_reasons = collections.Counter(skipped)
+        return {"images": np.stack([fit(image, self.shapes[k]) for image in images]),
+                "ids": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.int32),
+                "captions": list(captions)}
+
+    def _plan(self, b):
+        """Batch b's bucket k, slots [(epoch, future of a sample)] and the position after it. The
+        bucket and each slot's source are drawn from (seed, b) alone, the same on every process,
+        so that batch shapes agree across processes."""
+        # The bucket is frac(phase + b * golden ratio) through the buckets' cumulative frequencies:
+        # each one's count of batches stays within a few of its share, where independent draws
+        # would drift by sqrt(batches).
+        u = (self.bucket_phase + b * GOLDEN) % 1
+        k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
+        p = self.joint[:, k] / self.joint[:, k].sum()
+        picks = np.random.default_rng([self.seed, _MIX, b]).choice(len(p), self.batch_size, p=p)
+        slots = [self._streams[i].take(k) for i in picks]
+        return k, slots, [s.state() for s in self._streams], dict(self._skipped)
 
     def _skip(self, sample, error, first):
         """A bad sample: counted in its source's first pass (later ones meet the same files)."""
@@ -242,24 +239,9 @@ class Loader:
             self._skipped[error.reason] += 1
             n = sum(self._skipped.values())
             if n <= NAMED_SKIPS:
-                more = "; further skipped samples are only counted" if n == NAMED_SKIPS else ""
+                last = n == NAMED_SKIPS
+                more = "; further skipped samples are only counted" if last else ""
                 print(f"data: skipped {sample.name} ({error}){more}", file=sys.stderr)
-
-    def _put(self, item):
-        while not self._stop.is_set():
-            with contextlib.suppress(queue.Full):
-                return self._queue.put(item, timeout=0.1)
-
-    def __next__(self):
-        if self._stop.is_set():
-            raise RuntimeError("the data loader is closed")
-        item = self._queue.get()
-        if isinstance(item, Exception):
-            self.close()
-            raise item
-        batch, self._state = item
-        self.skip_reasons = collections.Counter(self._state["skipped"])
-        return batch
 
     def __iter__(self):
         return self
@@ -280,9 +262,8 @@ class Loader:
                 f"{self.image_size} px; {st['cut']} captions cut at {self.max_length} tokens")
 
     def close(self):
-        self._stop.set()
+        self.closed = True
         self._pool.shutdown(cancel_futures=True)
-        self._thread.join()
 
     def __enter__(self):
         return self
@@ -310,8 +291,9 @@ class BucketQueue:
 
 
 class _Stream:
-    """A file source's samples in order, read and decoded on the pool `depth` ahead; a bad one is
-    skipped (given to `skip`), a good one waits for its bucket."""
+    """One source's samples in order. A file sample is read and decoded on the pool, `depth` ahead;
+    a bad one is skipped (given to `skip`), a good one waits in its bucket. A synthetic scene is
+    drawn at the bucket asked for."""
 
     def __init__(self, source, position, pool, depth, limit, skip):
         self.source, self.pool, self.depth, self.skip = source, pool, depth, skip
@@ -328,13 +310,16 @@ class _Stream:
 
     def take(self, k):
         """(epoch, future of (image, caption, upscaled)) of the next sample served to bucket k."""
+        if isinstance(self.source, Synthetic):
+            epoch, consumed, index = next(self.order)
+            self.position = {"epoch": epoch, "consumed": consumed}
+            return epoch, self.pool.submit(self.source.read, index, self.source.shapes[k])
         epoch, _, future = self.buckets.take(k, self._pull)
         return epoch, future
 
     def state(self):
         """The position; with buckets also the samples waiting (each as the list of its fields)."""
-        waiting = [[[epoch, list(dataclasses.astuple(ref))] for epoch, ref, _ in q]
-                   for q in self.buckets.queues]
+        waiting = [[[epoch, list(ref)] for epoch, ref, _ in q] for q in self.buckets.queues]
         return self.position | ({"waiting": waiting} if len(waiting) > 1 else {})
 
     def _read(self, ref):
@@ -365,35 +350,12 @@ class _Stream:
             return False
 
 
-class _Drawn:
-    """The synthetic source's stream: each scene is drawn at the bucket asked for; none waits."""
-
-    def __init__(self, source, position, pool):
-        self.source, self.pool = source, pool
-        self.order = source.samples(position["epoch"], position["consumed"])
-        self.position = {"epoch": position["epoch"], "consumed": position["consumed"]}
-
-    def take(self, k):
-        epoch, consumed, index = next(self.order)
-        self.position = {"epoch": epoch, "consumed": consumed}
-        return epoch, self.pool.submit(self.source.read, index, self.source.shapes[k])
-
-    def state(self):
-        count = len(self.source.shapes)  # a file stream's layout, with nothing waiting
-        return self.position | ({"waiting": [[]] * count} if count > 1 else {})
-
-
 # ----------------------------------------------------------------------------- sources
 
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """Where one image-caption pair lives. A part is (path, offset, size), offset None for the
-    whole file; a caption may also be the text itself. `error` (reason, detail): known bad."""
-    name: str
-    image: tuple = None
-    caption: object = None
-    caption_ext: str = "txt"
-    error: tuple = None
+# Where one image-caption pair lives. A part is (path, offset, size), offset None for the whole
+# file; a caption may also be the text itself; `error` (reason, detail) marks one known bad.
+Sample = collections.namedtuple("Sample", "name image caption caption_ext error",
+                                defaults=(None, None, "txt", None))
 
 
 def read_part(part):
@@ -440,17 +402,15 @@ class Files:
         self.name, self.units, self.expand = name, units, expand
         self.number, self.seed, self.shapes = number, seed, shapes
 
-    def epoch_order(self, epoch):
-        rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
-        in_units = (found[j] for u in rng.permutation(len(self.units))
-                    for found in [self.expand(self.units[u])] for j in rng.permutation(len(found)))
-        return shuffle_buffer(in_units, rng, SHUFFLE_BUFFER)
-
     def samples(self, epoch, consumed):
         """(epoch, samples consumed once this one is, sample) from `consumed` into `epoch`, on."""
         while True:
+            rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
+            in_units = (found[j] for u in rng.permutation(len(self.units))
+                        for found in [self.expand(self.units[u])]
+                        for j in rng.permutation(len(found)))
             n = 0
-            for n, sample in enumerate(self.epoch_order(epoch), 1):
+            for n, sample in enumerate(shuffle_buffer(in_units, rng, SHUFFLE_BUFFER), 1):
                 if n > consumed:
                     yield epoch, n, sample
             if n == 0:
