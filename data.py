@@ -1,17 +1,14 @@
-"""Image-caption data for MiniT2I, host side: samples -> cropped images and captions -> batches.
+"""Image-caption data for MiniT2I, host side. In reading order: a sample becomes a cropped image
+and a caption (load_image); the Loader draws each batch's bucket (shape) and sources; a stream per
+source reads and decodes each file once, on worker threads, and holds it in its aspect-ratio bucket
+until a batch of that shape asks; then the sources (WebDataset tar shards, an image folder, a .jsonl
+manifest, `synthetic` scenes), the buckets and their frequency table, the scenes themselves.
 
-Reading order: a sample (load_image, captions); the Loader, which draws each batch's bucket (shape)
-and sources; the streams that feed it, where each file is read and decoded once, on worker threads,
-and waits in its aspect-ratio bucket for a batch of that shape; then the sources (WebDataset tar
-shards, an image folder with .txt captions, a .jsonl manifest, `synthetic` scenes whose captions
-describe them), the bucket shapes and their frequency table, the synthetic scenes.
-
-Batches never depend on thread timing or worker count: a source's sample order is a pure function
-of (seed, epoch, process), reads are used in that order, and every batch's bucket and sources are
-drawn from (seed, batch index). So a small position (per source: epoch, samples consumed, what
-waits in its buckets) resumes exactly. Bad input is skipped and counted once by reason (in a
-source's first pass), the first few named on stderr; a missing path or a source without a usable
-sample is a ValueError naming the --data path.
+Batches never depend on thread timing or worker count: sample orders are pure functions of (seed,
+epoch, process) and batches' buckets and sources of (seed, batch index). So a small position (per
+source: epoch, samples consumed, what waits in its buckets) resumes exactly. Bad input is skipped
+and counted once by reason, the first few named on stderr; a missing path or a source without a
+usable sample is a ValueError naming the --data path.
 """
 
 import collections
@@ -776,12 +773,11 @@ def regions(mask):
 
 def read_scene(image):
     """The inverse of describe(render_scene(...)): a Scene (its captioned fields) read from an image
-    [S, S, 3] in [-1, 1], rendered or sampled, or None when it shows no one or two objects. The
-    background is the palette colour nearest to the border's median; an object pixel is nearer to a
-    shape colour than to the background; objects are regions of at least 2% of the image. The
-    shape is read from the share of its bounding box an object fills (triangle 1/2, circle pi/4,
-    square 1), the position from the box's centre (the jitter moves it by under 0.05, positions
-    being 0.22 apart)."""
+    [S, S, 3] in [-1, 1], or None when it shows no one or two objects. The background is the palette
+    colour nearest to the border's median; objects are regions of at least 2% of the image nearer to
+    a shape colour. The shape is read from the share of its bounding box an object fills (triangle
+    1/2, circle pi/4, square 1), the position from the box's centre (jitter < 0.05, positions 0.22
+    apart)."""
     pixels = (np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5
     S = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])

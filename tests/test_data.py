@@ -580,7 +580,7 @@ def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
         [next(ld) for _ in range(5)]
         state = ld.state()
     folder, synthetic = state["sources"]
-    assert any(folder["waiting"]) and not any(synthetic["waiting"])  # scenes are drawn at the bucket
+    assert any(folder["waiting"]) and not any(synthetic["waiting"])  # scenes: drawn at the bucket
     with loader(sources, num_workers=3, state=state, **kw) as ld:
         resumed = [next(ld) for _ in range(7)]
     for a, b in zip(full[5:], resumed):
@@ -592,14 +592,15 @@ def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
 
 
 def test_bucket_table_is_computed_once_and_shared(tmp_path, monkeypatch):
-    """Each process reads its own half of the folder, yet all draw the same shape for every batch: they
-    are given the one table computed from the headers of the whole folder (by process 0 in train.py) and
-    draw from (seed, batch index). A process is never left to probe on its own, where one read error
-    would give it another table and other batch shapes."""
+    """Each process reads its own half of the folder, yet all draw the same shape for every batch:
+    they are given the one table computed from the headers of the whole folder (by process 0 in
+    train.py) and draw from (seed, batch index). A process is never left to probe on its own, where
+    one read error would give it another table and other batch shapes."""
     sources, buckets = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"], data.aspect_buckets(32, 4)
     table = data.bucket_table(sources, 0, buckets)
     nearest = [min(buckets, key=lambda s: abs(np.log(w * s[0] / (h * s[1])))) for w, h in MIXED]
-    assert np.allclose(table[0], [(1 + nearest.count(b)) / (len(buckets) + len(MIXED)) for b in buckets])
+    shares = [(1 + nearest.count(b)) / (len(buckets) + len(MIXED)) for b in buckets]  # plus one each
+    assert np.allclose(table[0], shares)
     assert np.allclose(table[1], 1 / len(buckets))  # synthetic scenes are drawn at any bucket
     with pytest.raises(ValueError, match="bucket_table"):
         loader(sources, image_size=32, buckets=buckets, process_count=2)
@@ -643,7 +644,7 @@ def test_buckets_use_every_sample_once(tmp_path, monkeypatch):
 
 
 def times_used(ld, served):
-    """Per caption, how often it was served or waits in a bucket queue of the loader's first source."""
+    """Per caption, how often it was served or waits in a bucket of the loader's first source."""
     state = ld.state()["sources"][0]
     waiting = [ref[2][0] for queue in state["waiting"] for _, ref in queue]  # the caption file
     captions = [open(path).read() for path in waiting]
@@ -652,16 +653,17 @@ def times_used(ld, served):
 
 @pytest.mark.parametrize("good, broken", [(1, 0), (2, 1), (15, 5)])
 def test_small_partly_broken_sources_neither_crash_nor_stall(tmp_path, good, broken):
-    """Sources of 1, 3 and 20 samples, some broken, some of each shape, under the tiny preset's buckets
-    (32 px, patch 4): twelve batches come, each of one bucket; every broken sample is counted once
-    though later epochs meet it again, and every good one is served or waits once per epoch."""
+    """Sources of 1, 3 and 20 samples, some broken, some of each shape, under the tiny preset's
+    buckets (32 px, patch 4): twelve batches come, each of one bucket; every broken sample is counted
+    once though later epochs meet it again, and every good one is served or waits once per epoch."""
     shapes = [(64, 32), (32, 64), (48, 48)]  # (w, h): wide, tall, square
     for i in range(good):
         w, h = shapes[i % 3]
         (tmp_path / f"g{i}.png").write_bytes(banded(w, h))
         (tmp_path / f"g{i}.txt").write_text(f"good {i}")
-    for i, (image, caption) in enumerate([(b"junk", "x"), (png(), " "), (png(), None),
-                                          (png(size=(4, 4)), "x"), (banded(64, 32)[:60], "x")][:broken]):
+    bad = [(b"junk", "x"), (png(), " "), (png(), None), (png(size=(4, 4)), "x"),
+           (banded(64, 32)[:60], "x")]
+    for i, (image, caption) in enumerate(bad[:broken]):
         (tmp_path / f"b{i}.png").write_bytes(image)
         if caption is not None:
             (tmp_path / f"b{i}.txt").write_text(caption)
@@ -678,8 +680,8 @@ def test_small_partly_broken_sources_neither_crash_nor_stall(tmp_path, good, bro
 
 
 def test_one_decode_per_sample(tmp_path, monkeypatch):
-    """Under buckets an image is opened and decoded once per read of its sample: the bucket comes from
-    its header. Each image has its own size here, so decodes are told apart by the size decoded."""
+    """Under buckets an image is opened and decoded once per read of its sample: its bucket comes
+    from its header. Each image has its own size here, so decodes are told apart by size."""
     sizes = [(40 + 4 * i, 80 - 3 * i) for i in range(20)]  # tall to wide, all distinct
     decoded, loaded = [], []
     load, load_sample = ImageFile.ImageFile.load, data.load_sample
@@ -717,21 +719,22 @@ def odd_mode_images(w=64, h=48):
 
 
 def test_shard_battery_under_the_default_buckets(tmp_path):
-    """A small WebDataset shard (12 good 64 x 48 images in odd modes, 7 broken samples) and a shard cut
-    short, read as train.py reads them by default (buckets of the tiny preset: 32 px, patch 4) for 12
-    batches of 4: every broken sample and the cut shard are counted once. (It stopped after 2 batches
-    with "a whole epoch without a usable sample": failed bucket probes were queued where the good
-    samples never came.)"""
+    """A small WebDataset shard (12 good 64 x 48 images in odd modes, 7 broken samples) and a shard
+    cut short, read as train.py reads them by default (the tiny preset's buckets: 32 px, patch 4)
+    for 12 batches of 4: every broken sample and the cut shard are counted once. (It stopped after 2
+    batches with "a whole epoch without a usable sample": failed bucket probes were queued where
+    the good samples never came.)"""
     members = [m for i, (ext, raw) in enumerate(odd_mode_images())
                for m in [(f"g{i:02d}.{ext}", raw), (f"g{i:02d}.txt", f"good picture {i}".encode())]]
-    broken = [("b0.png", b"junk"), ("b0.txt", b"x"), ("b1.jpg", truncated(encode(Image.new("RGB", (64, 48)),
-              "JPEG"))), ("b1.txt", b"x"), ("b2.png", png()), ("b2.txt", b" "), ("b3.png", png()),
-              ("b4.png", png(size=(4, 4))), ("b4.txt", b"x"), ("b5.txt", b"no image"), ("b6.png", png()),
-              ("b6.txt", b"\xff\xfe\xfa")]
+    cut_jpeg = truncated(encode(Image.new("RGB", (64, 48)), "JPEG"))
+    broken = [("b0.png", b"junk"), ("b0.txt", b"x"), ("b1.jpg", cut_jpeg), ("b1.txt", b"x"),
+              ("b2.png", png()), ("b2.txt", b" "), ("b3.png", png()),  # b3: no caption
+              ("b4.png", png(size=(4, 4))), ("b4.txt", b"x"), ("b5.txt", b"no image"),
+              ("b6.png", png()), ("b6.txt", b"\xff\xfe\xfa")]
     write_tar(tmp_path / "0.tar", members + broken)
     cut = write_tar(tmp_path / "1.tar", good_members("c", 3))
     raw, offsets = open(cut, "rb").read(), [m.offset for m in tarfile.open(cut).getmembers()]
-    (tmp_path / "1.tar").write_bytes(raw[:offsets[4] + 100])  # in c002.png's header: c000, c001 kept
+    (tmp_path / "1.tar").write_bytes(raw[:offsets[4] + 100])  # in c002.png's header
     with loader([str(tmp_path / "{0..1}.tar")], image_size=32, batch_size=4, num_workers=None,
                 buckets=data.aspect_buckets(32, 4)) as ld:
         captions = take(ld, 12)
