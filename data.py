@@ -53,7 +53,7 @@ class BadSample(Exception):
 # ----------------------------------------------------------------------------- a sample
 
 def load_image(src, shapes):
-    """Bytes or a path -> (float32 [H, W, 3] in [-1, 1], whether it was upscaled), (H, W) the one
+    """Bytes or a path -> (uint8 [H, W, 3] RGB, whether it was upscaled), (H, W) the one
     of `shapes` (an int: one square) nearest the image's aspect ratio, chosen from the header so
     that the image is decoded once: EXIF orientation applied, RGB, resized to cover H x W
     (antialiased) and center-cropped. Raises BadSample."""
@@ -81,21 +81,19 @@ def load_image(src, shapes):
 
 
 def crop(im, shape):
-    """RGB image -> (float32 [H, W, 3] in [-1, 1], upscaled): its centered crop of ratio W:H,
-    resized to (H, W) = shape in one resampling pass."""
+    """RGB image -> (uint8 [H, W, 3], upscaled): its centered crop of ratio W:H, resized to
+    (H, W) = shape in one resampling pass."""
     (h_out, w_out), (w, h) = shape, im.size
     cw, ch = (h * w_out / h_out, h) if w * h_out >= h * w_out else (w, w * h_out / w_out)
     box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     im = im.resize((w_out, h_out), Image.BICUBIC, box=box)
-    return np.asarray(im, np.float32) / 127.5 - 1.0, cw < w_out
+    return np.asarray(im), cw < w_out
 
 
 def fit(image, shape):
-    """A cropped image [h, w, 3] recropped to (H, W) = shape: for the rare sample a bucket queue
-    serves to another bucket than its own. The uint8 round trip is exact."""
-    if image.shape[:2] == shape:
-        return image
-    return crop(Image.fromarray(np.round((image + 1) * 127.5).astype(np.uint8)), shape)[0]
+    """A cropped image uint8 [h, w, 3] recropped to (H, W) = shape: for the rare sample a bucket
+    queue serves to another bucket than its own."""
+    return image if image.shape[:2] == shape else crop(Image.fromarray(image), shape)[0]
 
 
 def displayed_size(im):
@@ -192,7 +190,7 @@ class Loader:
         self._planned = collections.deque()
         workers, self.closed = num_workers or min(8, os.cpu_count() or 1), False
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="data")
-        depth = PREFETCH_BATCHES * batch_size + workers  # file reads in flight: the pool works on
+        depth = 2 * workers + 2  # file reads in flight, so that the pool never waits
         self._streams = [_Stream(source, position, self._pool, depth, READ_AHEAD * batch_size,
                                  self._skip) for source, position in zip(self.sources, positions)]
 
@@ -212,7 +210,8 @@ class Loader:
         st["batches"] += 1
         st["sources"], st["skipped"] = positions, skipped
         self.skip_reasons = collections.Counter(skipped)
-        return {"images": np.stack([fit(image, self.shapes[k]) for image in images]),
+        images = np.stack([fit(image, self.shapes[k]) for image in images])
+        return {"images": images.astype(np.float32) / 127.5 - 1.0,
                 "ids": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.int32),
                 "captions": list(captions)}
 
@@ -299,9 +298,11 @@ class _Stream:
         self.good_epoch = position["epoch"]  # the last epoch that gave a usable sample
         self.pending = collections.deque()
         self.buckets = BucketQueue(len(source.shapes), limit)
+        # What waited at the save is read again. (Scenes saved waiting, before they were drawn
+        # at the bucket asked for, are not: the synthetic source is endless.)
         saved = [(k, epoch, Sample(*ref)) for k, refs in enumerate(position.get("waiting", []))
-                 for epoch, ref in refs]
-        for k, epoch, ref, future in [(*s, self._read(s[2])) for s in saved]:  # all read at once
+                 for epoch, ref in refs if isinstance(source, Files)]
+        for k, epoch, ref, future in [(*s, self._read(s[2])) for s in saved]:
             if self._usable(epoch, ref, future):
                 self.buckets.queues[k].append((epoch, ref, future))
 
@@ -429,7 +430,8 @@ class Synthetic:
 
     def read(self, index, shape):
         scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
-        return render_scene(scene, *shape), describe(scene), False
+        pixels = np.round((render_scene(scene, *shape) + 1) * 127.5).astype(np.uint8)  # exact
+        return pixels, describe(scene), False
 
 
 def shuffle_buffer(items, rng, size):

@@ -95,7 +95,7 @@ def test_expand_braces():
 # ----------------------------------------------------------------------------- preprocessing
 
 def load_image(src, size):
-    return data.load_image(src, size)[0]
+    return data.load_image(src, size)[0] / np.float32(127.5) - 1
 
 
 def to_uint8(x):
