@@ -638,9 +638,15 @@ def main(argv=None):
     grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
             "keys": jax.random.split(rng(r.seed, "grid"), len(prompts)),
             "shapes": buckets[::len(buckets) // 2 or 1]}  # the tallest, square, the widest
+    # The bucket frequencies of process 0's probe, on every host: hosts draw the same batch shapes.
+    table = np.zeros((len(data.parse_sources(r.data or ["synthetic"])), len(buckets)), np.float32)
+    if jax.process_index() == 0:
+        table = data.bucket_table(list(r.data), r.seed, buckets).astype(np.float32)
+    table = multihost_utils.broadcast_one_to_all(table)
     loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
                          r.text_length, seed=r.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), state=data_state, buckets=buckets)
+                         process_count=jax.process_count(), state=data_state, buckets=buckets,
+                         frequencies=table)
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
     log = open_log(os.path.join(run, "log.jsonl"), start) if first else None
     write_log(log, {"step": start, "text": line, **coverage})

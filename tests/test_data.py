@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import data
 
@@ -95,7 +95,7 @@ def test_expand_braces():
 # ----------------------------------------------------------------------------- preprocessing
 
 def load_image(src, size):
-    return data.load_image(src, size)[0]
+    return data.load_image(src, size)[0] / np.float32(127.5) - 1
 
 
 def to_uint8(x):
@@ -579,7 +579,8 @@ def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
     with loader(sources, num_workers=1, **kw) as ld:
         [next(ld) for _ in range(5)]
         state = ld.state()
-    assert all(any(s["waiting"]) for s in state["sources"])  # samples read ahead wait in the position
+    folder, synthetic = state["sources"]
+    assert any(folder["waiting"]) and not any(synthetic["waiting"])  # scenes: drawn at the bucket
     with loader(sources, num_workers=3, state=state, **kw) as ld:
         resumed = [next(ld) for _ in range(7)]
     for a, b in zip(full[5:], resumed):
@@ -590,13 +591,24 @@ def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
         loader(sources, state=state, **kw | {"buckets": [(32, 32)]})
 
 
-def test_buckets_agree_across_processes(tmp_path):
-    """Each process reads its own half of the folder, yet all draw the same shape for every batch: the
-    frequencies come from the same probe of the whole folder, the draw from (seed, batch index)."""
+def test_bucket_table_is_computed_once_and_shared(tmp_path, monkeypatch):
+    """Each process reads its own half of the folder, yet all draw the same shape for every batch:
+    they are given the one table computed from the headers of the whole folder (by process 0 in
+    train.py) and draw from (seed, batch index). A process is never left to probe on its own, where
+    one read error would give it another table and other batch shapes."""
     sources, buckets = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"], data.aspect_buckets(32, 4)
+    table = data.bucket_table(sources, 0, buckets)
+    nearest = [min(buckets, key=lambda s: abs(np.log(w * s[0] / (h * s[1])))) for w, h in MIXED]
+    shares = [(1 + nearest.count(b)) / (len(buckets) + len(MIXED)) for b in buckets]  # plus one each
+    assert np.allclose(table[0], shares)
+    assert np.allclose(table[1], 1 / len(buckets))  # synthetic scenes are drawn at any bucket
+    with pytest.raises(ValueError, match="bucket_table"):
+        loader(sources, image_size=32, buckets=buckets, process_count=2)
+    monkeypatch.setattr(data, "bucket_table", None)  # given a table, no process computes one
     shapes = []
     for p in range(2):
-        with loader(sources, image_size=32, batch_size=2, buckets=buckets, process_index=p, process_count=2) as ld:
+        with loader(sources, image_size=32, batch_size=2, buckets=buckets, frequencies=table,
+                    process_index=p, process_count=2) as ld:
             shapes.append([next(ld)["images"].shape for _ in range(10)])
     assert shapes[0] == shapes[1] and len(set(shapes[0])) >= 3
 
@@ -617,7 +629,7 @@ def test_buckets_use_every_sample_once(tmp_path, monkeypatch):
     """Every sample read is served exactly once: those read ahead for other buckets wait in the position, so
     after e passes and c samples of the next, each image was served or waits e or e + 1 times. A source that
     lacks a bucket is asked for it (rarely: its frequency is 1 / (probe + buckets)); once READ_AHEAD batches
-    of samples wait, the oldest of the longest queue is cropped to that bucket instead: all are wide here."""
+    of samples wait, the oldest of the longest queue is recropped to that bucket: all are wide here."""
     monkeypatch.setattr(data, "READ_AHEAD", 2)
     sizes = [(90 + 5 * i, 50) for i in range(10)]  # w/h 1.8 to 2.7: all nearest 24x44
     buckets = data.aspect_buckets(32, 4)
@@ -629,3 +641,102 @@ def test_buckets_use_every_sample_once(tmp_path, monkeypatch):
     assert len(served) + len(waiting) == state["epoch"] * len(sizes) + state["consumed"]
     assert set(times.values()) <= {state["epoch"], state["epoch"] + 1} and len(times) == len(sizes)
     assert len(waiting) <= 2 * 3
+
+
+def times_used(ld, served):
+    """Per caption, how often it was served or waits in a bucket of the loader's first source."""
+    state = ld.state()["sources"][0]
+    waiting = [ref[2][0] for queue in state["waiting"] for _, ref in queue]  # the caption file
+    captions = [open(path).read() for path in waiting]
+    return collections.Counter(served + captions), state
+
+
+@pytest.mark.parametrize("good, broken", [(1, 0), (2, 1), (15, 5)])
+def test_small_partly_broken_sources_neither_crash_nor_stall(tmp_path, good, broken):
+    """Sources of 1, 3 and 20 samples, some broken, some of each shape, under the tiny preset's
+    buckets (32 px, patch 4): twelve batches come, each of one bucket; every broken sample is counted
+    once though later epochs meet it again, and every good one is served or waits once per epoch."""
+    shapes = [(64, 32), (32, 64), (48, 48)]  # (w, h): wide, tall, square
+    for i in range(good):
+        w, h = shapes[i % 3]
+        (tmp_path / f"g{i}.png").write_bytes(banded(w, h))
+        (tmp_path / f"g{i}.txt").write_text(f"good {i}")
+    bad = [(b"junk", "x"), (png(), " "), (png(), None), (png(size=(4, 4)), "x"),
+           (banded(64, 32)[:60], "x")]
+    for i, (image, caption) in enumerate(bad[:broken]):
+        (tmp_path / f"b{i}.png").write_bytes(image)
+        if caption is not None:
+            (tmp_path / f"b{i}.txt").write_text(caption)
+    buckets = data.aspect_buckets(32, 4)
+    with loader([str(tmp_path)], image_size=32, batch_size=4, buckets=buckets, seed=1) as ld:
+        served = []
+        for _ in range(12):
+            batch = next(ld)
+            assert batch["images"].shape[1:3] in buckets
+            served += batch["captions"]
+        assert ld.skipped == broken
+        times, state = times_used(ld, served)
+    assert len(times) == good and set(times.values()) <= {state["epoch"], state["epoch"] + 1}
+
+
+def test_one_decode_per_sample(tmp_path, monkeypatch):
+    """Under buckets an image is opened and decoded once per read of its sample: its bucket comes
+    from its header. Each image has its own size here, so decodes are told apart by size."""
+    sizes = [(40 + 4 * i, 80 - 3 * i) for i in range(20)]  # tall to wide, all distinct
+    decoded, loaded = [], []
+    load, load_sample = ImageFile.ImageFile.load, data.load_sample
+
+    def counting_load(im):
+        if im.tile:  # pixels still to decode
+            decoded.append(sizes.index(im.size))
+        return load(im)
+
+    def counting_load_sample(sample, shapes):
+        loaded.append(int(os.path.basename(sample.name).split(".")[0]))
+        return load_sample(sample, shapes)
+    sources, buckets = [folder_of(tmp_path, sizes)], data.aspect_buckets(32, 4)
+    table = data.bucket_table(sources, 0, buckets)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    monkeypatch.setattr(data, "load_sample", counting_load_sample)
+    with loader(sources, image_size=32, batch_size=4, buckets=buckets, frequencies=table) as ld:
+        take(ld, 3)
+    assert len(loaded) >= 12 and collections.Counter(decoded) == collections.Counter(loaded)
+
+
+def odd_mode_images(w=64, h=48):
+    """Twelve w x h images in the modes and formats people's folders hold, encoded."""
+    rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), np.uint8)
+    im = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    palette = im.convert("P")
+    return [("png", encode(im)), ("jpg", encode(im, "JPEG")), ("png", encode(im.convert("RGBA"))),
+            ("png", encode(im.convert("LA"))), ("png", encode(im.convert("L"))),
+            ("png", encode(im.convert("1"))), ("png", encode(palette, transparency=3)),
+            ("png", encode(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257))),
+            ("jpg", encode(im.convert("CMYK"), "JPEG")), ("jpg", encode(im.convert("L"), "JPEG")),
+            ("jpg", encode(im, "JPEG", exif=exif.tobytes())), ("webp", encode(im, "WEBP"))]
+
+
+def test_shard_battery_under_the_default_buckets(tmp_path):
+    """A small WebDataset shard (12 good 64 x 48 images in odd modes, 7 broken samples) and a shard
+    cut short, read as train.py reads them by default (the tiny preset's buckets: 32 px, patch 4)
+    for 12 batches of 4: every broken sample and the cut shard are counted once. (It stopped after 2
+    batches with "a whole epoch without a usable sample": failed bucket probes were queued where
+    the good samples never came.)"""
+    members = [m for i, (ext, raw) in enumerate(odd_mode_images())
+               for m in [(f"g{i:02d}.{ext}", raw), (f"g{i:02d}.txt", f"good picture {i}".encode())]]
+    cut_jpeg = truncated(encode(Image.new("RGB", (64, 48)), "JPEG"))
+    broken = [("b0.png", b"junk"), ("b0.txt", b"x"), ("b1.jpg", cut_jpeg), ("b1.txt", b"x"),
+              ("b2.png", png()), ("b2.txt", b" "), ("b3.png", png()),  # b3: no caption
+              ("b4.png", png(size=(4, 4))), ("b4.txt", b"x"), ("b5.txt", b"no image"),
+              ("b6.png", png()), ("b6.txt", b"\xff\xfe\xfa")]
+    write_tar(tmp_path / "0.tar", members + broken)
+    cut = write_tar(tmp_path / "1.tar", good_members("c", 3))
+    raw, offsets = open(cut, "rb").read(), [m.offset for m in tarfile.open(cut).getmembers()]
+    (tmp_path / "1.tar").write_bytes(raw[:offsets[4] + 100])  # in c002.png's header
+    with loader([str(tmp_path / "{0..1}.tar")], image_size=32, batch_size=4, num_workers=None,
+                buckets=data.aspect_buckets(32, 4)) as ld:
+        captions = take(ld, 12)
+        assert ld.skipped == 8 and ld.skip_reasons["unreadable shard"] == 1, ld.summary()
+    assert len(set(captions)) == 14  # 12 good images and the 2 before the cut, all in use
