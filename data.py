@@ -1,20 +1,19 @@
-"""Image-caption data for MiniT2I, host side. In reading order: a sample becomes a cropped image
-and a caption (load_image); the Loader draws each batch's bucket (shape) and sources; a stream per
-source reads and decodes each file once, on worker threads, and holds it in its aspect-ratio bucket
-until a batch of that shape asks; then the sources (WebDataset tar shards, an image folder, a .jsonl
-manifest, `synthetic` scenes), the buckets and their frequency table, the scenes themselves.
+"""Image-caption data for MiniT2I, host side. In reading order: a sample becomes a caption and an
+image cropped to the bucket (shape) nearest its aspect ratio; the Loader draws each batch's bucket
+and each slot's source, and a stream per source reads its files ahead on worker threads, each one
+waiting in its bucket's queue until a batch of that shape takes it. Then the sources (WebDataset
+tar shards, an image folder, a .jsonl manifest, `synthetic` scenes), the buckets and bad input.
 
-Batches never depend on thread timing or worker count: sample orders are pure functions of (seed,
-epoch, process) and batches' buckets and sources of (seed, batch index). So a small position (per
-source: epoch, samples consumed, what waits in its buckets) resumes exactly. Bad input is skipped
-and counted once by reason, the first few named on stderr; a missing path or a source without a
-usable sample is a ValueError naming the --data path.
+Batches never depend on thread timing: sample orders are functions of (seed, epoch, process), and
+batches' buckets and sources of (seed, batch index). So a small position (per source: epoch,
+samples taken, what waits in its buckets) resumes exactly. A bad sample is skipped and counted
+once; a --data path without usable samples is a ValueError naming it.
 """
 
 import collections
+import collections.abc
 import concurrent.futures
 import contextlib
-import dataclasses
 import glob
 import io
 import itertools
@@ -32,44 +31,103 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "json")  # preferred in this order when a sample has several
 MIN_SIDE = 8  # images with a shorter side below this are skipped
 SHUFFLE_BUFFER = 1000
-PREFETCH_BATCHES = 2  # batches read ahead
+PREFETCH_BATCHES = 2  # batches whose reads are under way before they are asked for
+READ_AHEAD = 16  # samples a stream may hold back for other buckets, in batches
+PROBE = 256  # image headers per file source that estimate its bucket frequencies
 NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
 STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
 CAPTION_SAMPLE = 50_000  # captions read per source at start-up (all of a smaller source)
-READ_AHEAD = 16  # multi-aspect: samples a stream may hold back for other buckets, in batches
-PROBE = 256  # multi-aspect: image headers per file source that estimate its bucket frequencies
 _SYNTH, _EPOCH, _MIX, _BUCKET, _CAPTIONS = 0, 1, 2, 3, 4  # separate random streams under one seed
 GOLDEN = (5**0.5 - 1) / 2
 
 
-class BadSample(Exception):
-    """A sample that cannot be used; `reason` is the short category it is counted under."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
 # ----------------------------------------------------------------------------- a sample
 
-def load_image(src, shapes):
-    """Bytes or a path -> (uint8 [H, W, 3] RGB, whether it was upscaled), (H, W) the one
-    of `shapes` (an int: one square) nearest the image's aspect ratio, chosen from the header so
-    that the image is decoded once: EXIF orientation applied, RGB, resized to cover H x W
-    (antialiased) and center-cropped. Raises BadSample."""
+# Where one image-caption pair lives. A part is (path, offset, size), offset None for a whole file;
+# a caption may also be the text itself; `error` (reason, detail) marks one known to be bad.
+Sample = collections.namedtuple("Sample", "name image caption caption_ext error",
+                                defaults=(None, None, "txt", None))
+
+
+def load_sample(sample, shapes):
+    """Sample -> (uint8 image at the nearest of shapes, caption, upscaled), on a worker thread."""
+    caption = read_caption(sample)
+    image, upscaled = load_image(image_file(sample), shapes)
+    return image, caption, upscaled
+
+
+def read_caption(sample):
+    """A sample's caption, reading nothing of its image."""
+    if sample.error:
+        raise BadSample(*sample.error)
+    if sample.caption is None:
+        raise BadSample("missing caption")
+    try:
+        text = sample.caption if isinstance(sample.caption, str) else read_part(sample.caption)
+        text = text if isinstance(text, str) else text.decode("utf-8-sig")
+    except OSError as e:
+        raise BadSample("missing caption", str(e)) from None
+    except UnicodeDecodeError as e:
+        raise BadSample("caption not UTF-8", str(e)) from None
+    if sample.caption_ext == "json":
+        try:
+            text = caption_field(json.loads(text))
+        except ValueError as e:
+            raise BadSample("unreadable caption", str(e)) from None
+        if text is None:
+            raise BadSample("missing caption", 'json without a "caption" or "text" string')
+    if not text.strip():
+        raise BadSample("empty caption")
+    return text.strip()
+
+
+def caption_field(meta):
+    """The caption of a .json caption or a manifest line: its "caption" or else "text" string."""
+    text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def image_file(sample):
+    """A sample's image for PIL: a whole file's path (PIL reads what it needs), a member's bytes."""
+    if sample.image is None:
+        raise BadSample("missing image")
+    try:
+        return sample.image[0] if sample.image[1] is None else read_part(sample.image)
+    except OSError as e:
+        raise BadSample("unreadable image", str(e)) from None
+
+
+def read_part(part):
+    path, offset, size = part
+    with open(path, "rb") as f:
+        f.seek(offset or 0)
+        return f.read(size)
+
+
+def load_image(src, shapes, decode=True):
+    """Bytes or a path -> (uint8 [H, W, 3] RGB, upscaled): turned upright by its EXIF orientation
+    and center-cropped to the (H, W) of `shapes` (an int: one square) nearest its aspect ratio, in
+    one resize. That shape comes from the header (all that decode=False reads, and returns), so
+    the image is decoded once."""
     shapes = [(shapes, shapes)] if isinstance(shapes, int) else shapes
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
-            # PIL raises above 2x its pixel limit but only warns above 1x; a warnings filter is
-            # not thread-safe, so check the limit here and skip both.
+            # PIL raises above 2x its pixel limit but only warns above 1x, and a warnings filter is
+            # not thread-safe: skip both here.
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 raise BadSample("decompression bomb", f"{w}x{h} px")
             if min(w, h) < MIN_SIDE:
                 raise BadSample("image too small", f"{w}x{h} px")
-            shape = nearest_shape(im, shapes)
-            # JPEG: decode at 1/2..1/8 scale if that still covers the crop (in stored orientation)
-            im.draft("RGB", shape if im.size != displayed_size(im) else shape[::-1])
+            exif = Image.Exif()  # the header's own: PNG's getexif() decodes the image for more
+            exif.load(im.info.get("exif", b""))
+            turned = exif.get(0x0112, 1) in (5, 6, 7, 8)  # orientations turned by 90 degrees
+            w, h = (h, w) if turned else (w, h)
+            shape = min(shapes, key=lambda s: abs(math.log(w * s[0] / (h * s[1]))))
+            if not decode:
+                return shape
+            # JPEG: decode at 1/2..1/8 scale where that still covers the crop (stored orientation)
+            im.draft("RGB", shape if turned else shape[::-1])
             ImageOps.exif_transpose(im, in_place=True)
             return crop(to_rgb(im), shape)
     except BadSample:
@@ -81,33 +139,11 @@ def load_image(src, shapes):
 
 
 def crop(im, shape):
-    """RGB image -> (uint8 [H, W, 3], upscaled): its centered crop of ratio W:H, resized to
-    (H, W) = shape in one resampling pass."""
+    """RGB image -> (uint8 [H, W, 3], upscaled): its centered crop of ratio W:H, resized."""
     (h_out, w_out), (w, h) = shape, im.size
     cw, ch = (h * w_out / h_out, h) if w * h_out >= h * w_out else (w, w * h_out / w_out)
     box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-    im = im.resize((w_out, h_out), Image.BICUBIC, box=box)
-    return np.asarray(im), cw < w_out
-
-
-def fit(image, shape):
-    """A cropped image uint8 [h, w, 3] recropped to (H, W) = shape: for the rare sample a bucket
-    queue serves to another bucket than its own."""
-    return image if image.shape[:2] == shape else crop(Image.fromarray(image), shape)[0]
-
-
-def displayed_size(im):
-    """(w, h) as displayed, from the header: EXIF orientations 5..8 turn the image by 90 degrees.
-    (The header's EXIF bytes, since PNG's getexif() decodes the whole image to look for more.)"""
-    exif = Image.Exif()
-    exif.load(im.info.get("exif", b""))
-    return im.size[::-1] if exif.get(0x0112, 1) in (5, 6, 7, 8) else im.size
-
-
-def nearest_shape(im, shapes):
-    """The (H, W) of shapes nearest to an opened image's displayed aspect ratio, in log ratio."""
-    w, h = displayed_size(im)
-    return min(shapes, key=lambda s: abs(math.log(w * s[0] / (h * s[1]))))
+    return np.asarray(im.resize((w_out, h_out), Image.BICUBIC, box=box)), cw < w_out
 
 
 def to_rgb(im):
@@ -121,40 +157,15 @@ def to_rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def caption_field(meta):
-    """The caption of a .json caption or a manifest line: its "caption" or else "text" string."""
-    text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-    return text if isinstance(text, str) else None
-
-
-def parse_caption(raw, ext):
-    """Caption bytes (or text) -> stripped text; a .json caption holds it in "caption" or "text"."""
-    try:
-        text = raw if isinstance(raw, str) else raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BadSample("caption not UTF-8", str(e)) from None
-    if ext == "json":
-        try:
-            text = caption_field(json.loads(text))
-        except ValueError as e:
-            raise BadSample("unreadable caption", str(e)) from None
-        if text is None:
-            raise BadSample("missing caption", 'json without a "caption" or "text" string')
-    if not text.strip():
-        raise BadSample("empty caption")
-    return text.strip()
-
-
 # ----------------------------------------------------------------------------- samples to batches
 
-class Loader:
-    """Iterator of batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L],
-    "captions": B str} mixed from weighted sources, each batch of one of `buckets` (H, W) shapes
-    (default: one image_size square). `frequencies`: bucket_table's [sources, buckets] table, which
-    several processes must share (pass process 0's). state() is this process's position after the
-    last batch; pass it back as `state` to continue with unseen data. Close it (or use `with`). The
-    tokenizer needs encode(texts, max_length) -> (ids, mask) and lengths(texts) -> untruncated
-    token counts. Skips, upscaled images and cut captions count in a source's first pass."""
+class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
+    """Batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L], "captions":
+    B str} mixed from weighted --data sources, each of one of `buckets` (H, W) (default: one
+    image_size square). `frequencies`: bucket_table's [sources, buckets], which several processes
+    must share (pass process 0's). state() is this process's position after the last batch; pass it
+    back as `state` to go on with unseen data. The tokenizer needs encode(texts, max_length) ->
+    (ids, mask) and lengths(texts) -> untruncated token counts."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0,
                  process_index=0, process_count=1, num_workers=None, state=None, buckets=None,
@@ -163,15 +174,15 @@ class Loader:
         shapes = [tuple(b) for b in buckets] if buckets else [(image_size, image_size)]
         if frequencies is None and process_count > 1 and len(shapes) > 1:
             raise ValueError("several processes need process 0's bucket_table as `frequencies`")
-        self.sources = [open_source(path, i, seed, shapes, process_index, process_count)
-                        for i, (path, _) in enumerate(specs)]
-        for source in self.sources:
-            check_usable(source)
+        opened = [open_source(path, i, seed, process_index, process_count)
+                  for i, (path, _) in enumerate(specs)]
+        for source in opened:
+            check_usable(source, shapes)
         if frequencies is None:
             frequencies = bucket_table(sources, seed, shapes)
         weights = np.array([w for _, w in specs])
-        # P(source, bucket): source s fills its weight's share of the slots, in the proportions of
-        # its own buckets, so that each stream is asked for a bucket about as often as it has one.
+        # P(source, bucket): each source fills its weight's share of the slots in the proportions
+        # of its own buckets, so that a stream is asked for a bucket about as often as it has one.
         self.joint = weights[:, None] / weights.sum() * np.asarray(frequencies)
         self.bucket_cdf = np.cumsum(self.joint.sum(0)) / self.joint.sum()
         self.bucket_phase = np.random.default_rng([seed, _BUCKET]).random()
@@ -191,8 +202,9 @@ class Loader:
         workers, self.closed = num_workers or min(8, os.cpu_count() or 1), False
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="data")
         depth = 2 * workers + 2  # file reads in flight, so that the pool never waits
-        self._streams = [_Stream(source, position, self._pool, depth, READ_AHEAD * batch_size,
-                                 self._skip) for source, position in zip(self.sources, positions)]
+        self._streams = [Stream(source, shapes, position, self._pool, depth,
+                                READ_AHEAD * batch_size, self._skip)
+                         for source, position in zip(opened, positions)]
 
     def __next__(self):
         if self.closed:
@@ -202,7 +214,7 @@ class Loader:
             self._planned.append(self._plan(st["batches"] + len(self._planned)))
         k, slots, positions, skipped = self._planned.popleft()
         images, captions, scaled = zip(*(future.result() for _, future in slots))
-        first = np.array([epoch == 0 for epoch, _ in slots])
+        first = np.array([epoch == 0 for epoch, _ in slots])  # later passes meet the same files
         ids, mask = self.tokenizer.encode(captions, self.max_length)
         long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
         st["upscaled"] += int((np.array(scaled) & first).sum())
@@ -210,15 +222,16 @@ class Loader:
         st["batches"] += 1
         st["sources"], st["skipped"] = positions, skipped
         self.skip_reasons = collections.Counter(skipped)
-        images = np.stack([fit(image, self.shapes[k]) for image in images])
+        shape = self.shapes[k]  # a sample served to another bucket than its own is recropped
+        images = np.stack([image if image.shape[:2] == shape else
+                           crop(Image.fromarray(image), shape)[0] for image in images])
         return {"images": images.astype(np.float32) / 127.5 - 1.0,
                 "ids": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.int32),
                 "captions": list(captions)}
 
     def _plan(self, b):
         """Batch b's bucket k, slots [(epoch, future of a sample)] and the position after it. The
-        bucket and each slot's source are drawn from (seed, b) alone, the same on every process,
-        so that batch shapes agree across processes."""
+        bucket and each slot's source come from (seed, b) alone: batch shapes agree across hosts."""
         # The bucket is frac(phase + b * golden ratio) through the buckets' cumulative frequencies:
         # each one's count of batches stays within a few of its share, where independent draws
         # would drift by sqrt(batches).
@@ -229,18 +242,12 @@ class Loader:
         slots = [self._streams[i].take(k) for i in picks]
         return k, slots, [s.state() for s in self._streams], dict(self._skipped)
 
-    def _skip(self, sample, error, first):
-        """A bad sample: counted in its source's first pass (later ones meet the same files)."""
-        if first:
-            self._skipped[error.reason] += 1
-            n = sum(self._skipped.values())
-            if n <= NAMED_SKIPS:
-                last = n == NAMED_SKIPS
-                more = "; further skipped samples are only counted" if last else ""
-                print(f"data: skipped {sample.name} ({error}){more}", file=sys.stderr)
-
-    def __iter__(self):
-        return self
+    def _skip(self, sample, error):
+        self._skipped[error.reason] += 1
+        n = sum(self._skipped.values())
+        if n <= NAMED_SKIPS:
+            more = "; further skipped samples are only counted" if n == NAMED_SKIPS else ""
+            print(f"data: skipped {sample.name} ({error}){more}", file=sys.stderr)
 
     @property
     def skipped(self):
@@ -261,80 +268,61 @@ class Loader:
         self.closed = True
         self._pool.shutdown(cancel_futures=True)
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
         self.close()
 
 
-class BucketQueue:
-    """Samples read ahead, each waiting in its bucket's queue for a batch of that shape."""
+class Stream:
+    """One source's samples in order, for batches of a bucket each. Files are read and decoded on
+    the pool, `depth` ahead; a usable one waits in its bucket's queue until a batch of that shape
+    takes it, a bad one is given to `skip` in the source's first pass. A scene is drawn at the
+    bucket asked for."""
 
-    def __init__(self, count, limit):
-        self.queues, self.limit = [collections.deque() for _ in range(count)], limit
-
-    def take(self, k, pull):
-        """The oldest entry of bucket k, calling pull() -> (bucket, entry) while none waits. Once
-        `limit` entries wait, the oldest of the longest queue instead (to be recropped): the wait
-        stays bounded, also for a source without bucket k, and every entry is served once."""
-        while not self.queues[k]:
-            if sum(map(len, self.queues)) >= self.limit:
-                return max(self.queues, key=len).popleft()
-            bucket, entry = pull()
-            self.queues[bucket].append(entry)
-        return self.queues[k].popleft()
-
-
-class _Stream:
-    """One source's samples in order. A file sample is read and decoded on the pool, `depth` ahead;
-    a bad one is skipped (given to `skip`), a good one waits in its bucket. A synthetic scene is
-    drawn at the bucket asked for."""
-
-    def __init__(self, source, position, pool, depth, limit, skip):
-        self.source, self.pool, self.depth, self.skip = source, pool, depth, skip
-        self.order = source.samples(position["epoch"], position["consumed"])
+    def __init__(self, source, shapes, position, pool, depth, limit, skip):
+        self.source, self.shapes, self.pool, self.depth, self.limit, self.skip = (
+            source, shapes, pool, depth, limit, skip)
         self.position = {"epoch": position["epoch"], "consumed": position["consumed"]}
         self.good_epoch = position["epoch"]  # the last epoch that gave a usable sample
-        self.pending = collections.deque()
-        self.buckets = BucketQueue(len(source.shapes), limit)
-        # What waited at the save is read again. (Scenes saved waiting, before they were drawn
-        # at the bucket asked for, are not: the synthetic source is endless.)
-        saved = [(k, epoch, Sample(*ref)) for k, refs in enumerate(position.get("waiting", []))
-                 for epoch, ref in refs if isinstance(source, Files)]
-        for k, epoch, ref, future in [(*s, self._read(s[2])) for s in saved]:
+        self.order = source.samples(position["epoch"], position["consumed"])
+        self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
+        self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
+        waited = [(k, epoch, Sample(*ref)) for k, refs in enumerate(position.get("waiting", []))
+                  for epoch, ref in refs]  # what waited at the save, read again
+        futures = [pool.submit(load_sample, ref, shapes) for _, _, ref in waited]
+        for (k, epoch, ref), future in zip(waited, futures):
             if self._usable(epoch, ref, future):
-                self.buckets.queues[k].append((epoch, ref, future))
+                self.queues[k].append((epoch, ref, future))
 
     def take(self, k):
-        """(epoch, future of (image, caption, upscaled)) of the next sample served to bucket k."""
+        """(epoch, future of (image, caption, upscaled)) of the next sample for bucket k. Once
+        `limit` samples wait, the oldest of the longest queue instead (recropped): the wait stays
+        bounded, also for a source without bucket k, and every sample is served once."""
         if isinstance(self.source, Synthetic):
             epoch, consumed, index = next(self.order)
             self.position = {"epoch": epoch, "consumed": consumed}
-            return epoch, self.pool.submit(self.source.read, index, self.source.shapes[k])
-        epoch, _, future = self.buckets.take(k, self._pull)
+            return epoch, self.pool.submit(self.source.read, index, self.shapes[k])
+        queue = self.queues[k]
+        while not queue:
+            if sum(map(len, self.queues)) >= self.limit:
+                queue = max(self.queues, key=len)
+            else:
+                self._pull()
+        epoch, _, future = queue.popleft()
         return epoch, future
 
-    def state(self):
-        """The position; with buckets also the samples waiting (each as the list of its fields)."""
-        waiting = [[[epoch, list(ref)] for epoch, ref, _ in q] for q in self.buckets.queues]
-        return self.position | ({"waiting": waiting} if len(waiting) > 1 else {})
-
-    def _read(self, ref):
-        return self.pool.submit(load_sample, ref, self.source.shapes)
-
     def _pull(self):
-        """(bucket, (epoch, sample, its finished read)) of the next usable sample in order."""
+        """Moves the next usable sample in order into its bucket's queue."""
         while True:
-            while len(self.pending) < self.depth:
+            while len(self.reading) < self.depth:
                 epoch, consumed, ref = next(self.order)
-                self.pending.append((epoch, consumed, ref, self._read(ref)))
-            epoch, consumed, ref, future = self.pending.popleft()
+                self.reading.append((epoch, consumed, ref,
+                                     self.pool.submit(load_sample, ref, self.shapes)))
+            epoch, consumed, ref, future = self.reading.popleft()
             self.position = {"epoch": epoch, "consumed": consumed}
             if self._usable(epoch, ref, future):
                 self.good_epoch = epoch
-                bucket = self.source.shapes.index(future.result()[0].shape[:2])
-                return bucket, (epoch, ref, future)
+                k = self.shapes.index(future.result()[0].shape[:2])
+                return self.queues[k].append((epoch, ref, future))
             if epoch > self.good_epoch + 1:
                 name = self.source.name
                 raise ValueError(f"--data {name}: a whole epoch without a usable sample")
@@ -344,108 +332,17 @@ class _Stream:
             future.result()
             return True
         except BadSample as e:
-            self.skip(ref, e, epoch == 0)
+            if epoch == 0:
+                self.skip(ref, e)
             return False
+
+    def state(self):
+        """The position; under buckets also the samples waiting (each as the list of its fields)."""
+        waiting = [[[epoch, list(ref)] for epoch, ref, _ in queue] for queue in self.queues]
+        return self.position | ({"waiting": waiting} if len(waiting) > 1 else {})
 
 
 # ----------------------------------------------------------------------------- sources
-
-# Where one image-caption pair lives. A part is (path, offset, size), offset None for the whole
-# file; a caption may also be the text itself; `error` (reason, detail) marks one known bad.
-Sample = collections.namedtuple("Sample", "name image caption caption_ext error",
-                                defaults=(None, None, "txt", None))
-
-
-def read_part(part):
-    path, offset, size = part
-    with open(path, "rb") as f:
-        if offset is None:
-            return f.read()
-        f.seek(offset)
-        return f.read(size)
-
-
-def read_caption(sample):
-    """Sample -> its caption text, reading nothing of the image; raises BadSample."""
-    if sample.error:
-        raise BadSample(*sample.error)
-    if sample.caption is None:
-        raise BadSample("missing caption")
-    try:
-        raw = sample.caption if isinstance(sample.caption, str) else read_part(sample.caption)
-    except OSError as e:
-        raise BadSample("missing caption", str(e)) from None
-    return parse_caption(raw, sample.caption_ext)
-
-
-def load_sample(sample, shapes):
-    """Sample -> (image at the nearest of shapes, caption, upscaled), each file read once; raises
-    BadSample. Runs on the worker threads."""
-    caption = read_caption(sample)
-    if sample.image is None:
-        raise BadSample("missing image")
-    try:
-        raw = read_part(sample.image)
-    except OSError as e:
-        raise BadSample("unreadable image", str(e)) from None
-    image, upscaled = load_image(raw, shapes)
-    return image, caption, upscaled
-
-
-class Files:
-    """Samples from files, in an order reshuffled every epoch: units (tar shards, or samples) in a
-    random order, each unit's samples in a random order, through a shuffle buffer."""
-
-    def __init__(self, name, units, expand, number, seed, shapes):
-        self.name, self.units, self.expand = name, units, expand
-        self.number, self.seed, self.shapes = number, seed, shapes
-
-    def samples(self, epoch, consumed):
-        """(epoch, samples consumed once this one is, sample) from `consumed` into `epoch`, on."""
-        while True:
-            rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
-            in_units = (found[j] for u in rng.permutation(len(self.units))
-                        for found in [self.expand(self.units[u])]
-                        for j in rng.permutation(len(found)))
-            n = 0
-            for n, sample in enumerate(shuffle_buffer(in_units, rng, SHUFFLE_BUFFER), 1):
-                if n > consumed:
-                    yield epoch, n, sample
-            if n == 0:
-                raise ValueError(f"--data {self.name}: an epoch without a single sample")
-            epoch, consumed = epoch + 1, 0
-
-
-class Synthetic:
-    """Infinite scenes; sample i of process p is global sample i * process_count + p, so hosts
-    never overlap. A scene is drawn at whatever shape it is asked for."""
-
-    def __init__(self, number, seed, shapes, process_index, process_count):
-        self.name, self.number, self.seed, self.shapes = "synthetic", number, seed, shapes
-        self.process_index, self.process_count = process_index, process_count
-
-    def samples(self, epoch, consumed):
-        for i in itertools.count(consumed):
-            yield epoch, i + 1, i * self.process_count + self.process_index
-
-    def read(self, index, shape):
-        scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
-        pixels = np.round((render_scene(scene, *shape) + 1) * 127.5).astype(np.uint8)  # exact
-        return pixels, describe(scene), False
-
-
-def shuffle_buffer(items, rng, size):
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = rng.integers(size)
-        yield buffer[j]
-        buffer[j] = item
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
-
 
 def parse_sources(specs):
     """["path[:weight]", ...] -> [(path, weight)]; a weight (default 1) is split off if numeric."""
@@ -462,90 +359,101 @@ def parse_sources(specs):
     return sources
 
 
-def open_source(path, number, seed, shapes, process_index=0, process_count=1):
-    """A --data path -> a source holding this process's share: shards[process_index::process_count]
-    for tar shards, the same split of the sample list for a folder or manifest."""
+def open_source(path, number, seed, process_index=0, process_count=1):
+    """A --data path -> a source of this process's share: shards[process_index::process_count] of
+    tar shards, the same split of the samples of a folder or manifest."""
     if path == "synthetic":
-        return Synthetic(number, seed, shapes, process_index, process_count)
+        return Synthetic(number, seed, process_index, process_count)
     expected = ("expected .tar shards, a brace pattern of them, an image folder, a .jsonl manifest"
                 " or 'synthetic'")
-    shards = samples = None
     if "{" in path:
-        shards = expand_braces(path)
-        missing = [s for s in shards if not os.path.isfile(s)]
+        units = expand_braces(path)
+        missing = [s for s in units if not os.path.isfile(s)]
         if missing:
-            raise ValueError(f"--data {path}: {len(missing)} of {len(shards)} shards do not exist,"
+            raise ValueError(f"--data {path}: {len(missing)} of {len(units)} shards do not exist,"
                              f" e.g. {missing[0]}")
     elif not os.path.exists(path):
         raise ValueError(f"--data {path}: no such file or directory ({expected})")
     elif os.path.isdir(path):
-        shards = sorted(glob.glob(os.path.join(path, "*.tar"))) or None
-        samples = None if shards else scan_folder(path)
+        units = sorted(glob.glob(os.path.join(path, "*.tar"))) or scan_folder(path)
     elif path.endswith(".jsonl"):
-        samples = read_manifest(path)
+        units = read_manifest(path)
     elif path.endswith(".tar"):
-        shards = [path]
+        units = [path]
     else:
         raise ValueError(f"--data {path}: unknown kind of file ({expected})")
-    units, kind = (shards, "shards") if shards else (samples, "samples")
     if not units:
         raise ValueError(f"--data {path}: no images found ({expected}; a folder needs images with"
                          " captions beside them)")
-    mine = units[process_index::process_count]
-    if not mine:
+    if not units[process_index::process_count]:
+        kind = "shards" if isinstance(units[0], str) else "samples"
         raise ValueError(f"--data {path}: {len(units)} {kind} cannot be split over {process_count}"
                          " processes")
-    return Files(path, mine, index_tar if shards else lambda s: [s], number, seed, shapes)
+    return Files(path, units[process_index::process_count], number, seed)
 
 
-def check_usable(source):
-    """Start-up check: one of a file source's first few samples has a caption and an image header
-    that opens (bounded effort; no image is decoded)."""
-    problems = []
-    for _, _, sample in itertools.islice(source.samples(0, 0), STARTUP_TRIES):
-        if isinstance(source, Synthetic):
-            return
-        try:
-            read_caption(sample)
-            return header_shape(sample, source.shapes)
-        except BadSample as e:
-            problems.append(f"{sample.name}: {e}")
-    raise ValueError(f"--data {source.name}: none of its first {len(problems)} samples is usable "
-                     f"(first: {problems[0]})")
+class Files:
+    """Samples from files, in an order reshuffled every epoch: units (tar shards, or samples) in a
+    random order, each unit's samples in a random order, through a shuffle buffer."""
+
+    def __init__(self, name, units, number, seed):
+        self.name, self.units, self.number, self.seed = name, units, number, seed
+
+    def samples(self, epoch, consumed):
+        """(epoch, samples consumed once this one is, sample) from `consumed` into `epoch`, on."""
+        while True:
+            rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
+            in_units = (found[j] for found in self.shuffled(rng)
+                        for j in rng.permutation(len(found)))
+            n = 0
+            for n, sample in enumerate(shuffle_buffer(in_units, rng, SHUFFLE_BUFFER), 1):
+                if n > consumed:
+                    yield epoch, n, sample
+            if n == 0:
+                raise ValueError(f"--data {self.name}: an epoch without a single sample")
+            epoch, consumed = epoch + 1, 0
+
+    def shuffled(self, rng):
+        """Each unit's samples (a tar shard's from its headers), the units in a random order."""
+        return (index_tar(self.units[u]) if isinstance(self.units[u], str) else [self.units[u]]
+                for u in rng.permutation(len(self.units)))
 
 
-def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
-    """The captions of every --data source, reading no image: all of a source's, or for one of
-    more than `limit` samples those of a random subset of its shards (or samples).
-    -> (captions, whether they are all)."""
-    captions, complete = [], True
-    for number, (path, _) in enumerate(parse_sources(specs or ["synthetic"])):
-        source = open_source(path, number, seed, shapes=[None])
-        if isinstance(source, Synthetic):
-            captions += synthetic_captions()
+def shuffle_buffer(items, rng, size):
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
             continue
-        found = []
-        units = np.random.default_rng([seed, _CAPTIONS, number]).permutation(len(source.units))
-        for n, u in enumerate(units, 1):
-            for sample in source.expand(source.units[u]):
-                with contextlib.suppress(BadSample):  # counted when the loader meets it
-                    found.append(read_caption(sample))
-            if len(found) >= limit:
-                complete = complete and n == len(units)
-                break
-        if not found:
-            raise ValueError(f"--data {path}: not one readable caption (expected .txt, .caption or"
-                             " .json captions beside the images, or \"caption\" fields)")
-        captions += found
-    return captions, complete
+        j = rng.integers(size)
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
 
 
-# ----------------------------------------------------------------------------- file kinds
+class Synthetic:
+    """Endless scenes, each drawn at the shape asked for; sample i of process p is scene
+    i * process_count + p, so that hosts never overlap."""
+
+    def __init__(self, number, seed, process_index, process_count):
+        self.name, self.number, self.seed = "synthetic", number, seed
+        self.process_index, self.process_count = process_index, process_count
+
+    def samples(self, epoch, consumed):
+        for i in itertools.count(consumed):
+            yield epoch, i + 1, i * self.process_count + self.process_index
+
+    def read(self, index, shape):
+        scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
+        pixels = np.round((render_scene(scene, *shape) + 1) * 127.5).astype(np.uint8)  # exact
+        return pixels, describe(scene), False
+
 
 def index_tar(path):
     """A WebDataset shard -> its samples, from the tar headers alone. Members pair up by key (the
-    name up to the first dot of its basename). A shard that is cut short or corrupt keeps the
-    samples before the damage and one more marking it, counted like any bad sample."""
+    name up to the first dot of its basename). A shard cut short or corrupt keeps the samples
+    before the damage and one more that marks it, counted like any bad sample."""
     parts, error = {}, None
     try:
         end = os.path.getsize(path)
@@ -622,14 +530,38 @@ def expand_braces(pattern):
     return [pattern[:m.start()] + o + rest for o in options for rest in rests]
 
 
+def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
+    """The captions of every --data source, reading no image: all of a source's, or of one of more
+    than `limit` samples those of a random subset of its units. -> (captions, whether all)."""
+    captions, complete = [], True
+    for number, (path, _) in enumerate(parse_sources(specs or ["synthetic"])):
+        source = open_source(path, number, seed)
+        if isinstance(source, Synthetic):
+            captions += synthetic_captions()
+            continue
+        found = []
+        units = source.shuffled(np.random.default_rng([seed, _CAPTIONS, number]))
+        for n, samples in enumerate(units, 1):
+            for sample in samples:
+                with contextlib.suppress(BadSample):  # counted when the loader meets it
+                    found.append(read_caption(sample))
+            if len(found) >= limit:
+                complete = complete and n == len(source.units)
+                break
+        if not found:
+            raise ValueError(f"--data {path}: not one readable caption (expected .txt, .caption or"
+                             " .json captions beside the images, or \"caption\" fields)")
+        captions += found
+    return captions, complete
+
+
 # ----------------------------------------------------------------------------- aspect-ratio buckets
 
 def aspect_buckets(size, patch, count=5, budget=0.1):
     """(height, width) shapes for multi-aspect training at size x size: multiples of `patch`,
-    width / height within [1/2, 2], `count` ratios log-spaced from 1:2 to 2:1 (a tall one, square,
-    a wide one...), each the patch grid nearest that ratio whose pixel count is within `budget`
-    (+-10%) of size x size. Grids that small cannot all hit their ratio: at 32 px, patch 4, they
-    are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
+    `count` ratios log-spaced from 1:2 to 2:1, each the patch grid nearest that ratio whose pixel
+    count is within `budget` (+-10%) of size x size. Grids that small cannot all hit their ratio:
+    at 32 px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
     g = size // patch
     grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
              if abs(r * c - g * g) <= budget * g * g]
@@ -638,35 +570,48 @@ def aspect_buckets(size, patch, count=5, budget=0.1):
     return list(dict.fromkeys((r * patch, c * patch) for r, c in nearest))
 
 
-def header_shape(sample, shapes):
-    """The bucket shape nearest a file sample's image, from its header alone; raises BadSample."""
-    if sample.image is None:
-        raise BadSample("missing image")
-    try:
-        whole = sample.image[1] is None  # a whole file: PIL reads only its header
-        with Image.open(sample.image[0] if whole else io.BytesIO(read_part(sample.image))) as im:
-            return nearest_shape(im, shapes)
-    except Exception as e:
-        raise BadSample("unreadable image", f"{type(e).__name__}: {e}") from None
-
-
 def bucket_table(specs, seed, shapes):
     """float [sources, buckets]: each --data source's share of images nearest each bucket, from the
-    headers of PROBE samples of the whole source, plus one each so that no bucket is never drawn
+    headers of PROBE samples of the whole source, plus one each so that every bucket is drawn
     (uniform for synthetic scenes, drawn at any shape). Multi-host runs compute it once, on
     process 0, and give every process that table: hosts then draw the same batch shapes."""
     sources = parse_sources(specs or ["synthetic"])
     table = np.ones((len(sources), len(shapes)))
     for number, (path, _) in enumerate(sources):
-        source = open_source(path, number, seed, shapes)
-        if isinstance(source, Synthetic) or len(shapes) == 1:
-            continue
-        order = np.random.default_rng([seed, _BUCKET, number]).permutation(len(source.units))
-        samples = (s for u in order for s in source.expand(source.units[u]))
-        for sample in itertools.islice(samples, PROBE):
-            with contextlib.suppress(BadSample):  # counted when the loader meets it
-                table[number, shapes.index(header_shape(sample, shapes))] += 1
+        source = open_source(path, number, seed)
+        if isinstance(source, Files) and len(shapes) > 1:
+            units = source.shuffled(np.random.default_rng([seed, _BUCKET, number]))
+            for sample in itertools.islice(itertools.chain.from_iterable(units), PROBE):
+                with contextlib.suppress(BadSample):  # counted when the loader meets it
+                    shape = load_image(image_file(sample), shapes, decode=False)
+                    table[number, shapes.index(shape)] += 1
     return table / table.sum(1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the short category it is counted under."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def check_usable(source, shapes):
+    """Start-up: one of a file source's first few samples has a caption and an image header that
+    opens (bounded effort; no image is decoded)."""
+    if isinstance(source, Synthetic):
+        return
+    problems = []
+    for _, _, sample in itertools.islice(source.samples(0, 0), STARTUP_TRIES):
+        try:
+            read_caption(sample)
+            return load_image(image_file(sample), shapes, decode=False)
+        except BadSample as e:
+            problems.append(f"{sample.name}: {e}")
+    raise ValueError(f"--data {source.name}: none of its first {len(problems)} samples is usable "
+                     f"(first: {problems[0]})")
 
 
 # ----------------------------------------------------------------------------- synthetic scenes
@@ -681,19 +626,10 @@ POSITIONS = {"center": (0.5, 0.5), "left": (0.28, 0.5), "right": (0.72, 0.5), "t
 PLACES = {"center": "in the center", "left": "on the left", "right": "on the right",
           "top": "at the top", "bottom": "at the bottom"}
 
-
-@dataclasses.dataclass(frozen=True)
-class Scene:
-    """One synthetic image: `count` (1 or 2) same-coloured shapes; one object sits at `position`,
-    two sit side by side. dx, dy and scale jitter the layout a little and are not in the caption."""
-    shape: str
-    colour: str
-    background: str
-    count: int = 1
-    position: str = "center"
-    dx: float = 0.0
-    dy: float = 0.0
-    scale: float = 1.0
+# One synthetic image: `count` (1 or 2) same-coloured shapes; one object sits at `position`, two
+# side by side. dx, dy and scale jitter the layout a little and are not in the caption.
+Scene = collections.namedtuple("Scene", "shape colour background count position dx dy scale",
+                               defaults=(1, "center", 0.0, 0.0, 1.0))
 
 
 def random_scene(rng):
