@@ -1,14 +1,11 @@
-"""Image-caption data for MiniT2I, host side. In reading order: a sample becomes a caption and an
-image cropped to the bucket (shape) nearest its aspect ratio; the Loader draws each batch's bucket
-and each slot's source, and a stream per source reads its files ahead on worker threads, each one
-waiting in its bucket's queue until a batch of that shape takes it. Then the sources (WebDataset
-tar shards, an image folder, a .jsonl manifest, `synthetic` scenes), the buckets and bad input.
-
-Batches never depend on thread timing: sample orders are functions of (seed, epoch, process), and
-batches' buckets and sources of (seed, batch index). So a small position (per source: epoch,
-samples taken, what waits in its buckets) resumes exactly. A bad sample is skipped and counted
-once; a --data path without usable samples is a ValueError naming it.
-"""
+"""Image-caption data for MiniT2I, host side. A sample becomes a caption and an image cropped to
+the bucket (shape) nearest its aspect ratio; the Loader draws each batch's bucket and its slots'
+sources; a stream per source reads files ahead on worker threads, each waiting in its bucket's
+queue until a batch of that shape takes it. Then the sources (tar shards, an image folder, a .jsonl
+manifest, `synthetic` scenes), the buckets, bad input and the scenes. Batches never depend on thread
+timing: sample orders are functions of (seed, epoch, process), batches' buckets and sources of
+(seed, batch index), so a small position (per source: epoch, samples taken, what waits in its
+buckets) resumes exactly."""
 
 import collections
 import collections.abc
@@ -286,12 +283,9 @@ class Stream:
         self.order = source.samples(position["epoch"], position["consumed"])
         self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
         self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
-        waited = [(k, epoch, Sample(*ref)) for k, refs in enumerate(position.get("waiting", []))
-                  for epoch, ref in refs]  # what waited at the save, read again
-        futures = [pool.submit(load_sample, ref, shapes) for _, _, ref in waited]
-        for (k, epoch, ref), future in zip(waited, futures):
-            if self._usable(epoch, ref, future):
-                self.queues[k].append((epoch, ref, future))
+        waited = [(epoch, Sample(*ref)) for q in position.get("waiting", []) for epoch, ref in q]
+        for epoch, ref, future in [(e, r, pool.submit(load_sample, r, shapes)) for e, r in waited]:
+            self._queue(epoch, ref, future)  # what waited at the save, read again, in order
 
     def take(self, k):
         """(epoch, future of (image, caption, upscaled)) of the next sample for bucket k. Once
@@ -319,25 +313,26 @@ class Stream:
                                      self.pool.submit(load_sample, ref, self.shapes)))
             epoch, consumed, ref, future = self.reading.popleft()
             self.position = {"epoch": epoch, "consumed": consumed}
-            if self._usable(epoch, ref, future):
+            if self._queue(epoch, ref, future):
                 self.good_epoch = epoch
-                k = self.shapes.index(future.result()[0].shape[:2])
-                return self.queues[k].append((epoch, ref, future))
+                return
             if epoch > self.good_epoch + 1:
                 name = self.source.name
                 raise ValueError(f"--data {name}: a whole epoch without a usable sample")
 
-    def _usable(self, epoch, ref, future):
+    def _queue(self, epoch, ref, future):
+        """Puts a read sample in its bucket's queue; False for a bad one."""
         try:
-            future.result()
-            return True
+            image = future.result()[0]
         except BadSample as e:
             if epoch == 0:
                 self.skip(ref, e)
             return False
+        self.queues[self.shapes.index(image.shape[:2])].append((epoch, ref, future))
+        return True
 
     def state(self):
-        """The position; under buckets also the samples waiting (each as the list of its fields)."""
+        """The position; under buckets also the samples waiting (each as its fields)."""
         waiting = [[[epoch, list(ref)] for epoch, ref, _ in queue] for queue in self.queues]
         return self.position | ({"waiting": waiting} if len(waiting) > 1 else {})
 
@@ -459,20 +454,16 @@ def index_tar(path):
         end = os.path.getsize(path)
         with tarfile.open(path, "r:") as tar:
             for m in tar:
-                if m.offset_data + m.size > end:
-                    error = ("unreadable shard", f"{path} is cut short in {m.name}")
-                    break
-                if m.isfile():
+                if m.isfile() and m.offset_data + m.size <= end:  # one cut short fails below
                     folder, _, base = m.name.rpartition("/")
                     stem, _, ext = base.partition(".")
                     part = (path, m.offset_data, m.size)
                     parts.setdefault(f"{folder}/{stem}", {})[ext.lower()] = part
             stop = tar.offset
-        if error is None:  # tarfile ends quietly at garbage or the end; a whole tar ends in zeros
-            with open(path, "rb") as f:
-                f.seek(stop)
-                if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-                    error = ("unreadable shard", f"{path} is cut short or corrupt at byte {stop}")
+        with open(path, "rb") as f:  # tarfile stops quietly at damage; a whole tar ends in zeros
+            f.seek(stop)
+            if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                error = ("unreadable shard", f"{path} is cut short or corrupt at byte {stop}")
     except (OSError, tarfile.TarError) as e:
         error = ("unreadable shard", f"{path}: {e}")
     samples = []
@@ -633,14 +624,12 @@ Scene = collections.namedtuple("Scene", "shape colour background count position 
 
 
 def random_scene(rng):
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    backgrounds = [b for b in BACKGROUNDS if b != colour]
+    pick = lambda options: list(options)[rng.integers(len(options))]
+    colour = pick(COLOURS)
     dx, dy = rng.uniform(-0.04, 0.04, 2)
-    return Scene(shape=SHAPES[rng.integers(len(SHAPES))], colour=colour,
-                 background=backgrounds[rng.integers(len(backgrounds))],
-                 count=1 + int(rng.integers(2)),
-                 position=list(POSITIONS)[rng.integers(len(POSITIONS))], dx=float(dx), dy=float(dy),
-                 scale=float(rng.uniform(0.9, 1.1)))
+    return Scene(pick(SHAPES), colour, pick([b for b in BACKGROUNDS if b != colour]),
+                 1 + int(rng.integers(2)), pick(POSITIONS), float(dx), float(dy),
+                 float(rng.uniform(0.9, 1.1)))
 
 
 def describe(scene):
@@ -710,12 +699,10 @@ def regions(mask):
 
 
 def read_scene(image):
-    """The inverse of describe(render_scene(...)): a Scene (its captioned fields) read from an image
-    [S, S, 3] in [-1, 1], or None when it shows no one or two objects. The background is the palette
-    colour nearest to the border's median; objects are regions of at least 2% of the image nearer to
-    a shape colour. The shape is read from the share of its bounding box an object fills (triangle
-    1/2, circle pi/4, square 1), the position from the box's centre (jitter < 0.05, positions 0.22
-    apart)."""
+    """The inverse of describe(render_scene(...)): the captioned fields of the Scene in an image
+    [S, S, 3] in [-1, 1], or None unless it shows one or two objects (regions of at least 2% of the
+    image). A shape is told by the share of its bounding box it fills (triangle 1/2, circle pi/4,
+    square 1), a position by the box's centre (jitter < 0.05, positions 0.22 apart)."""
     pixels = (np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5
     S = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
