@@ -59,11 +59,10 @@ def read_caption(sample):
         raise BadSample(*sample.error)
     if sample.caption is None:
         raise BadSample("missing caption")
+    text = sample.caption
     try:
-        text = sample.caption if isinstance(sample.caption, str) else read_part(sample.caption)
-        text = text if isinstance(text, str) else text.decode("utf-8-sig")
-    except OSError as e:
-        raise BadSample("missing caption", str(e)) from None
+        if not isinstance(text, str):
+            text = read_part(text, "missing caption").decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BadSample("caption not UTF-8", str(e)) from None
     if sample.caption_ext == "json":
@@ -88,17 +87,19 @@ def image_file(sample):
     """A sample's image for PIL: a whole file's path (PIL reads what it needs), a member's bytes."""
     if sample.image is None:
         raise BadSample("missing image")
-    try:
-        return sample.image[0] if sample.image[1] is None else read_part(sample.image)
-    except OSError as e:
-        raise BadSample("unreadable image", str(e)) from None
+    whole = sample.image[1] is None
+    return sample.image[0] if whole else read_part(sample.image, "unreadable image")
 
 
-def read_part(part):
+def read_part(part, reason):
+    """The bytes of a file or tar member; `reason` is what a failed read counts as."""
     path, offset, size = part
-    with open(path, "rb") as f:
-        f.seek(offset or 0)
-        return f.read(size)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset or 0)
+            return f.read(size)
+    except OSError as e:
+        raise BadSample(reason, str(e)) from None
 
 
 def load_image(src, shapes, decode=True):
@@ -270,10 +271,9 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
 
 
 class Stream:
-    """One source's samples in order, for batches of a bucket each. Files are read and decoded on
-    the pool, `depth` ahead; a usable one waits in its bucket's queue until a batch of that shape
-    takes it, a bad one is given to `skip` in the source's first pass. A scene is drawn at the
-    bucket asked for."""
+    """One source's samples in order, for batches of one bucket each. Files are read and decoded on
+    the pool `depth` ahead, and wait in their bucket's queue until a batch of that shape takes them
+    (a bad one goes to `skip` in the source's first pass). A scene is drawn at the bucket asked."""
 
     def __init__(self, source, shapes, position, pool, depth, limit, skip):
         self.source, self.shapes, self.pool, self.depth, self.limit, self.skip = (
@@ -564,8 +564,8 @@ def aspect_buckets(size, patch, count=5, budget=0.1):
 def bucket_table(specs, seed, shapes):
     """float [sources, buckets]: each --data source's share of images nearest each bucket, from the
     headers of PROBE samples of the whole source, plus one each so that every bucket is drawn
-    (uniform for synthetic scenes, drawn at any shape). Multi-host runs compute it once, on
-    process 0, and give every process that table: hosts then draw the same batch shapes."""
+    (uniform for scenes, drawn at any shape). Computed once, on process 0, and given to every
+    process: hosts then draw the same batch shapes."""
     sources = parse_sources(specs or ["synthetic"])
     table = np.ones((len(sources), len(shapes)))
     for number, (path, _) in enumerate(sources):
