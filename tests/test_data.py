@@ -466,6 +466,12 @@ def test_startup_errors_name_the_path(tmp_path):
     bad = write_tar(tmp_path / "bad" / "b.tar", [("k.png", png()), ("k.txt", b""), ("j.png", b"junk"), ("j.txt", b"x")])
     message = error([bad])
     assert bad in message and "none of its first" in message and "usable" in message
+    (tmp_path / "tiny").mkdir()  # headers that open, of images too small to use: refused at once
+    for i in range(3):
+        (tmp_path / "tiny" / f"{i}.png").write_bytes(png(size=(4, 4)))
+        (tmp_path / "tiny" / f"{i}.txt").write_text("x")
+    message = error([str(tmp_path / "tiny")])
+    assert "none of its first" in message and "image too small" in message
     assert "cannot be split over 2 processes" in error([str(tmp_path / "0.tar")], process_index=1, process_count=2)
     with loader(["synthetic"]) as ld:
         state = ld.state()
