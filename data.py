@@ -2,10 +2,10 @@
 the bucket (shape) nearest its aspect ratio; the Loader draws each batch's bucket and its slots'
 sources; a stream per source reads files ahead on worker threads, each waiting in its bucket's
 queue until a batch of that shape takes it. Then the sources (tar shards, an image folder, a .jsonl
-manifest, `synthetic` scenes), the buckets, bad input and the scenes. Batches never depend on thread
-timing: sample orders are functions of (seed, epoch, process), batches' buckets and sources of
-(seed, batch index), so a small position (per source: epoch, samples taken, what waits in its
-buckets) resumes exactly."""
+manifest, `synthetic`), the buckets, bad input, and the synthetic scenes with their reader.
+Batches never depend on thread timing: sample orders are functions of (seed, epoch, process),
+batches' buckets and sources of (seed, batch index), so a small position (per source: epoch,
+samples taken, what waits in its buckets) resumes exactly."""
 
 import collections
 import collections.abc
@@ -283,9 +283,12 @@ class Stream:
         self.order = source.samples(position["epoch"], position["consumed"])
         self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
         self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
-        waited = [(epoch, Sample(*ref)) for q in position.get("waiting", []) for epoch, ref in q]
+        # What waited at the save is read again, in order. (Scene numbers, which positions saved
+        # before scenes were drawn at the bucket asked for hold, are not: scenes are endless.)
+        waited = [(epoch, Sample(*ref)) for q in position.get("waiting", []) for epoch, ref in q
+                  if isinstance(ref, list)]
         for epoch, ref, future in [(e, r, pool.submit(load_sample, r, shapes)) for e, r in waited]:
-            self._queue(epoch, ref, future)  # what waited at the save, read again, in order
+            self._queue(epoch, ref, future)
 
     def take(self, k):
         """(epoch, future of (image, caption, upscaled)) of the next sample for bucket k. Once
