@@ -424,7 +424,7 @@ def check_recipe(r, cfg):
 
 def check_resume(run, config, r):
     """A run directory must hold this same run (the fields in RESUMABLE may differ) that has steps left."""
-    old = sample.read_json(os.path.join(run, "config.json"))
+    old = model.read_json(os.path.join(run, "config.json"))
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     new = json.loads(json.dumps(config["recipe"]))
     diff = [f"{k} {old['recipe'].get(k, defaults[k])!r} -> {v!r}" for k, v in new.items()

@@ -63,7 +63,7 @@ def test_each_flag_leaves_its_trace(user_run):
     assert all(m["lr"] == pytest.approx(2e-3, rel=1e-6) for m in steps)  # --warmup 0: the full rate at once
     assert os.listdir(os.path.join(user_run, "checkpoints")) == ["step_00000002"]  # --ckpt-every 1 --keep 1
     assert os.listdir(os.path.join(user_run, "samples")) == ["step_000002.png"]  # --sample-every 2
-    assert sample.read_json(os.path.join(user_run, "config.json"))["recipe"]["noise_scale"] == 1
+    assert model.read_json(os.path.join(user_run, "config.json"))["recipe"]["noise_scale"] == 1
     # The start-up line: the tokenizer was fitted to these captions, and four distinct captions pay to encode once.
     text = log[0]["text"]
     assert text.startswith("text: 5 captions read, 0.00% of pieces unknown, 0.0% cut at 12 tokens") and \
@@ -92,7 +92,7 @@ def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
     """Two copies of a run that differ only in noise_scale sample different images from one seed."""
     other = str(tmp_path / "other")
     shutil.copytree(user_run, other)
-    config = sample.read_json(os.path.join(other, "config.json"))
+    config = model.read_json(os.path.join(other, "config.json"))
     config["recipe"]["noise_scale"] = 2.0
     with open(os.path.join(other, "config.json"), "w") as f:
         json.dump(config, f)
@@ -310,7 +310,7 @@ def test_a_given_t5_folder_is_used_where_it_is(user_run, tmp_path, capsys):
     run's captions with it (the shapes' words, unknown to a tokenizer fitted to the user's folder, are spelt)."""
     t5, run = os.path.join(user_run, "t5"), str(tmp_path / "run")
     train.main(SMALL_RUN + ["--t5", t5, "--out", run, "--steps", "1"])
-    assert sample.read_json(os.path.join(run, "config.json"))["t5"] == os.path.abspath(t5)
+    assert model.read_json(os.path.join(run, "config.json"))["t5"] == os.path.abspath(t5)
     assert not os.path.exists(os.path.join(run, "t5")) and not os.path.exists(run + ".partial")
     assert "text: 414 captions read, 0.00% of pieces unknown" in capsys.readouterr().err
 
