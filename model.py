@@ -296,7 +296,8 @@ def init_mmjit(key, cfg):
 
     qk_norms = lambda: {"q_norm": ones(cfg.head_dim), "k_norm": ones(cfg.head_dim)}
     P, C, pca = cfg.patch_size, cfg.in_channels, cfg.pca_channels
-    params = draw_blocks(key, {
+    k_blocks, k_mask = jax.random.split(key)  # a key is split or drawn from, never both
+    params = draw_blocks(k_blocks, {
         "txt_embedder": dense(cfg.txt_dim, D, bias=False),
         "img_embedder": {
             "proj1": xavier((P, P, C, pca), P * P * C, P * P * pca),
@@ -306,7 +307,7 @@ def init_mmjit(key, cfg):
         "double_blocks": [stream("txt_") | stream("img_") | qk_norms() for _ in range(cfg.depth)],
         "final_layer": {"norm_final": ones(D), "linear": {"weight": ((D, P * P * C), 0.0), "bias": ((P * P * C,), 0.0)}},
     }, functools.partial(jax.random.uniform, minval=-1.0, maxval=1.0))
-    return params | {"mask_token": 0.02 * jax.random.normal(jax.random.fold_in(key, 1), (cfg.txt_dim,))}
+    return params | {"mask_token": 0.02 * jax.random.normal(k_mask, (cfg.txt_dim,))}
 
 
 # -------------------------------------------------------------------------------------- FLAN-T5 encoder
