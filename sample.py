@@ -45,16 +45,15 @@ def time_grid(steps, shift=1.0):
 
 
 def solve(denoise, x, ts, scales, extrapolation=None, a_min=0.0):
-    """Carry x from noise (ts[0] = 0) to data (ts[N] = 1), one prediction of the clean image a step:
+    """Carry x from noise (ts[0] = 0) to data (ts[N] = 1), one x0 prediction a step:
 
-        x' = x + (t' - t) / max(1 - t, a_min) (D - x),   D = x0_hat + e_i (x0_hat - x0_prev).
+        x' = x + (t' - t) / max(1 - t, a_min) (D - x),   D = x0_hat + e_i (x0_hat - x0_prev):
 
-    That is Euler's step along the flow velocity (x0_hat - x) / (1 - t). With alpha_t = t, sigma_t =
-    1 - t and a_min = 0 it is also DPM-Solver++'s first-order step x' = r x + (1 - r) D, r =
-    sigma_t' / sigma_t: exact from t = 0 and landing on D at t' = 1. The reference clamps 1 - t at
-    a_min = 0.05, which keeps its last steps short of x0. extrapolation [N]: the weights e_i
-    (dpm_2m_weights; None: all 0, first order). denoise(x, t, s): x0_hat at time t under guidance
-    scale s, one per step from scales [N]."""
+    Euler's step along the velocity (x0_hat - x) / (1 - t), and with a_min = 0 DPM-Solver++'s
+    first-order step x' = r x + (1 - r) D, r = sigma_t' / sigma_t (alpha_t = t, sigma_t = 1 - t):
+    exact from t = 0, landing on D at t' = 1. The reference's a_min = 0.05 stops its last steps
+    short. denoise(x, t, s): x0_hat under guidance scale s, scales [N] one a step; extrapolation
+    [N]: the weights e_i (dpm_2m_weights; None: first order)."""
     n = len(ts) - 1
     e = jnp.zeros(n) if extrapolation is None else extrapolation
     w = (ts[1:] - ts[:-1]) / jnp.maximum(1.0 - ts[:-1], a_min)  # [N]: 1 - r where a_min is not hit
@@ -69,15 +68,13 @@ def solve(denoise, x, ts, scales, extrapolation=None, a_min=0.0):
 
 def dpm_2m_weights(ts, scales):
     """DPM-Solver++(2M) (Lu et al., 2022): x0_hat extrapolated linearly in lambda = log(t / (1 - t))
-    from the step before, with weight e_i = h_i / (2 h_{i-1}), h_i the length of step i in lambda.
-    lambda is infinite at both ends (t = 0, 1), so only steps 2 .. N-2 have two finite lengths; the
-    others stay first order (the first starts at lambda = -inf, the second's previous step is
-    infinitely long, the last ends at +inf). Ours, not diffusers' (whose lower_order_final lowers
-    only the last step): under 15 steps step N-2 stays first order too, where x0_hat settles faster
-    than the long step's linear extrapolation (default run, guidance 3, 6 steps: RMS error 0.034
-    instead of 0.051; README). So below 5 steps this is exactly Euler without the clamp. Where the
-    guidance scale changes between steps (--guidance-interval), x0_hat - x0_prev is the jump between
-    two fields, not curvature: that step is first order too. [N]"""
+    from the step before, weight e_i = h_i / (2 h_{i-1}), h_i step i's length in lambda [N]. lambda
+    is infinite at t = 0 and 1: steps 0, 1 and N-1 stay first order, and only the inner times'
+    lambdas are computed. Under 15 steps step N-2 too (our rule; diffusers' lower_order_final lowers
+    only the last step): x0_hat settles faster there than the long step's extrapolation (default
+    run, guidance 3, 6 steps: RMS 0.034 instead of 0.051; README). So below 5 steps this is exactly
+    Euler. Where the guidance scale changes (--guidance-interval), x0_hat - x0_prev is the jump
+    between two fields, not curvature: that step is first order too."""
     n = len(ts) - 1
     lam = jnp.log(ts[1:-1]) - jnp.log1p(-ts[1:-1])  # [N - 1], the inner times': all finite
     h = jnp.diff(lam)  # [N - 2]: h_1 .. h_{N-2}

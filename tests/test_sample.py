@@ -51,7 +51,8 @@ def test_dpm_solver_ends_on_x0():
     true clean image keeps x on the straight path t x0 + (1 - t) x_0 and ends on x0 at any step
     count."""
     key_x0, key_noise = jax.random.split(jax.random.key(0))
-    x0, noise = jax.random.normal(key_x0, (2, 8, 8, 3)), 2 * jax.random.normal(key_noise, x0.shape)
+    x0 = jax.random.normal(key_x0, (2, 8, 8, 3))
+    noise = 2 * jax.random.normal(key_noise, x0.shape)
     clean = lambda x, t, s: x0
     np.testing.assert_array_equal(dpm(clean, noise, sample.time_grid(1)), x0)  # 0 x + 1 x0
     for steps in (2, 3, 4, 7, 16):
