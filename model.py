@@ -296,7 +296,8 @@ def init_mmjit(key, cfg):
 
     qk_norms = lambda: {"q_norm": ones(cfg.head_dim), "k_norm": ones(cfg.head_dim)}
     P, C, pca = cfg.patch_size, cfg.in_channels, cfg.pca_channels
-    params = draw_blocks(key, {
+    k_blocks, k_mask = jax.random.split(key)  # a key is split or drawn from, never both
+    params = draw_blocks(k_blocks, {
         "txt_embedder": dense(cfg.txt_dim, D, bias=False),
         "img_embedder": {
             "proj1": xavier((P, P, C, pca), P * P * C, P * P * pca),
@@ -306,7 +307,7 @@ def init_mmjit(key, cfg):
         "double_blocks": [stream("txt_") | stream("img_") | qk_norms() for _ in range(cfg.depth)],
         "final_layer": {"norm_final": ones(D), "linear": {"weight": ((D, P * P * C), 0.0), "bias": ((P * P * C,), 0.0)}},
     }, functools.partial(jax.random.uniform, minval=-1.0, maxval=1.0))
-    return params | {"mask_token": 0.02 * jax.random.normal(jax.random.fold_in(key, 1), (cfg.txt_dim,))}
+    return params | {"mask_token": 0.02 * jax.random.normal(k_mask, (cfg.txt_dim,))}
 
 
 # -------------------------------------------------------------------------------------- FLAN-T5 encoder
@@ -486,8 +487,7 @@ def read_weights(folder, stem):
     """All tensors of `stem`.safetensors or of the shards named by `stem`.safetensors.index.json."""
     index = os.path.join(folder, stem + ".safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         return {k: v for s in shards for k, v in read_safetensors(os.path.join(folder, s)).items()}
     path = os.path.join(folder, stem + ".safetensors")
     if not os.path.isfile(path):
@@ -495,10 +495,10 @@ def read_weights(folder, stem):
     return read_safetensors(path)
 
 
-def _read_config(folder):
-    path = os.path.join(folder, "config.json")
+def read_json(path):
+    """A JSON file's contents; a missing one is named in one line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no config.json there")
+        raise FileNotFoundError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)} there")
     with open(path) as f:
         return json.load(f)
 
@@ -508,7 +508,7 @@ _T5_LINEAR = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # stored [out, in] by H
 
 def load_t5(path):
     """(T5Config, params) from a Hugging Face T5 / FLAN-T5 folder; the decoder, if present, is ignored."""
-    hf = _read_config(path)
+    hf = read_json(os.path.join(path, "config.json"))
     if hf.get("model_type") != "t5" or hf.get("feed_forward_proj") != "gated-gelu":
         raise ValueError(f"{path}/config.json: expected a gated-gelu T5 (FLAN-T5, T5 v1.1), got model_type="
                          f"{hf.get('model_type')!r} feed_forward_proj={hf.get('feed_forward_proj')!r}")
@@ -571,7 +571,7 @@ def load_diffusers_mmjit(path):
     """(MMJiTConfig, params) from a released MiniT2I Diffusers `transformer/` folder (or its parent, or the
     safetensors file inside it). Timestep and pooled embedders of that port feed nothing: dropped."""
     folder, stem = diffusers_folder(path)
-    c = _read_config(folder)
+    c = read_json(os.path.join(folder, "config.json"))
     if c.get("txt_hidden_size", c.get("hidden_size")) != c.get("hidden_size"):
         raise ValueError(f"{folder}/config.json: txt_hidden_size {c['txt_hidden_size']} != hidden_size")
     names = DIFFUSERS_CONFIG_NAMES

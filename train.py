@@ -327,7 +327,7 @@ def write_block(f, start, shape, index, block):
 def restore_checkpoint(path, state_shapes, shardings):
     """The state and this process's data position: each process reads from the memory-mapped arrays
     only the slices that its devices hold, whatever the mesh that wrote them."""
-    step = sample.read_json(os.path.join(path, "state.json"))["step"]
+    step = model.read_json(os.path.join(path, "state.json"))["step"]
     state = {"step": jnp.asarray(step, jnp.int32)}
     put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
                                                     lambda i: np.asarray(x[i], t.dtype))
@@ -336,7 +336,7 @@ def restore_checkpoint(path, state_shapes, shardings):
                             state_shapes[k], shardings[k])
         file = os.path.join(path, f"{k}.safetensors")
         state[k] = model.unflatten_like(like, model.read_safetensors(file), file, put)
-    data_state = sample.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
+    data_state = model.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
     return jax.device_put(state, shardings), data_state
 
 
@@ -476,7 +476,7 @@ def check_recipe(r, cfg):
 
 def check_resume(run, config, r):
     """A run directory must hold this same run (the fields in RESUMABLE may differ) that has steps left."""
-    old = sample.read_json(os.path.join(run, "config.json"))
+    old = model.read_json(os.path.join(run, "config.json"))
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     new = json.loads(json.dumps(config["recipe"]))
     diff = [f"{k} {old['recipe'].get(k, defaults[k])!r} -> {v!r}" for k, v in new.items()
@@ -490,7 +490,7 @@ def check_resume(run, config, r):
         return
     except ValueError as e:  # none complete
         raise UsageError(e) from None
-    step = sample.read_json(os.path.join(ckpt, "state.json"))["step"]
+    step = model.read_json(os.path.join(ckpt, "state.json"))["step"]
     written = sum(re.fullmatch(r"data_\d+\.json", f) is not None for f in os.listdir(ckpt))
     if written != jax.process_count():  # a process's data position is in its own split of the data
         raise UsageError(f"{ckpt} holds the data positions of {written} processes and this run has "

@@ -381,7 +381,7 @@ def test_another_process_count_is_refused(three_checkpoints, tmp_path):
     processes (faked: a second position file) is not resumed by 1."""
     run = damaged_copy(three_checkpoints, tmp_path, {})
     ckpt = os.path.join(run, "checkpoints", "step_00000003")
-    assert sample.read_json(os.path.join(ckpt, "state.json")) == {"step": 3, "processes": 1}
+    assert model.read_json(os.path.join(ckpt, "state.json")) == {"step": 3, "processes": 1}
     shutil.copy(os.path.join(ckpt, "data_0.json"), os.path.join(ckpt, "data_1.json"))
     with open(os.path.join(ckpt, "state.json"), "w") as f:
         json.dump({"step": 3, "processes": 2}, f)
