@@ -110,13 +110,14 @@ def rng(seed, stream):
 
 
 def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01, dtype=jnp.float32, remat=False):
-    """x-prediction trained with the v-loss. t: [B] in (0, 1), t = 1 is data; noise already scaled."""
+    """x-prediction trained with the v-loss, per example [B]. t: [B] in (0, 1), t = 1 is data; noise already
+    scaled."""
     t = t[:, None, None, None]
     x_t = t * images + (1 - t) * noise
     x0_hat = model.mmjit_apply(params, cfg, x_t, context, mask, dtype, remat)
     v_hat = sample.velocity(x0_hat, x_t, t, a_min)  # the clip at a_min keeps t -> 1 from blowing up the loss
     v = sample.velocity(images, x_t, t, a_min)
-    return jnp.mean((v_hat - v) ** 2)
+    return jnp.mean((v_hat - v) ** 2, axis=(1, 2, 3))  # [B]
 
 
 def lr_schedule(r):
@@ -145,43 +146,68 @@ def adamw_ema(state, grads, grad_norm, r):
     return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
 
-def train_step(state, t5_params, batch, *, cfg, t5cfg, r):
+def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh):
     """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
     dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
     denoiser_step. A batch's "stop" flags (a process asked to stop sets its examples') come back as one global
     maximum, so that every process takes the same decision at the same step."""
     context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
-    state, metrics = denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
+    state, metrics = denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r, mesh=mesh)
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
 
-def denoiser_step(state, images, context, mask, *, cfg, r):
+T_BUCKETS = 4  # the loss is also reported by noise level: t in [0, 1/4), ..., [3/4, 1); t = 0 is noise
+
+
+def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
     run draws exactly what an uninterrupted one would; it draws for the whole batch, so an example's draws do
-    not depend on --grad-accum either."""
+    not depend on --grad-accum or the device count either. Besides the loss, its sum and the number of
+    examples in each t bucket, which the loop adds up over the steps between log lines."""
     params, step, B = state["params"], state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
     loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
-    loss, grads = accumulated_grads(loss_fn, params, (images, context, mask, t, noise), r.grad_accum)
-    grad_norm = optax.tree.norm(grads)
-    return adamw_ema(state, grads, grad_norm, r), {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step)}
+    shardings = state_shardings(mesh, params, r.fsdp)
+    losses, grads = accumulated_grads(loss_fn, params, (images, context, mask, t, noise), r.grad_accum, shardings)
+    loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
+    bucket = jnp.minimum((t * T_BUCKETS).astype(jnp.int32), T_BUCKETS - 1)  # [B]
+    by_t = {"loss_sum_by_t": jnp.zeros(T_BUCKETS).at[bucket].add(losses),
+            "count_by_t": jnp.zeros(T_BUCKETS, jnp.int32).at[bucket].add(1)}
+    return adamw_ema(state, grads, grad_norm, r), {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step),
+                                                   **by_t}
 
 
-def accumulated_grads(loss_fn, params, batch, n):
-    """Mean loss and gradient over the batch, computed as n equal micro-batches one after another (a scan: one
-    compiled body). Micro-batch i holds examples i, i + n, i + 2n, ...: on a batch split over devices along
-    its first axis, each device keeps its own rows, so no data moves."""
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)  # [n, B/n, ...]
+def accumulated_grads(loss_fn, params, batch, n, shardings):
+    """Per-example losses [B] and the mean gradient over the batch, laid out as `shardings` (the state's).
+    Each device runs its own rows as n equal micro-batches one after another (a scan: one compiled body) and
+    adds up their gradients locally; one reduction per tensor after the last micro-batch (a reduce-scatter
+    onto the tensor's shard under FSDP) moves the gradient over the interconnect once per step whatever n.
+    Left to XLA, the sum over devices sat inside the scan: n times the bytes."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    specs = jax.tree.map(lambda s: s.spec, shardings)
 
-    def add(total, xs):
-        return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *xs)), None
+    def reduce(g, spec):  # the mean over all devices' micro-batches, onto this device's part of the tensor
+        g = g / (n * jax.lax.axis_size("data"))
+        axes = [i for i, name in enumerate(spec) if name == "data"]
+        return jax.lax.psum_scatter(g, "data", scatter_dimension=axes[0], tiled=True) if axes else \
+            jax.lax.psum(g, "data")
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(add, zeros, micro)
-    return jax.tree.map(lambda x: x / n, total)  # equal sizes: the mean of the means is the batch mean
+    def local(params, batch):  # on one device: params whole, batch its B/D rows
+        params = jax.lax.pcast(params, "data", to="varying")  # this device's own gradient: no implicit sum
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def add(total, xs):  # micro-batch i holds rows i, i + n, ...; xs [B/D/n, ...]
+            losses, grads = jax.vjp(lambda p: loss_fn(p, *xs), params)
+            (grads,) = grads(jnp.full_like(losses, 1 / len(losses)))  # of the micro-batch's mean loss
+            return jax.tree.map(jnp.add, total, grads), losses
+
+        total, losses = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), micro)  # losses [n, B/D/n]
+        return losses.swapaxes(0, 1).reshape(-1), jax.tree.map(reduce, total, specs)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), specs))(params, batch)
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -211,7 +237,7 @@ def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r),
+    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding

@@ -27,7 +27,7 @@ def test_loss_matches_reference():
     io = np.load(os.path.join(FIXTURES, "mmjit_tiny", "io.npz"))
     with jax.default_matmul_precision("highest"):
         loss = jax.jit(train.flow_matching_loss, static_argnums=1)(
-            params, cfg, io["img"], io["context"], io["mask"], io["t"], io["noise"], 0.01)
+            params, cfg, io["img"], io["context"], io["mask"], io["t"], io["noise"], 0.01).mean()
     np.testing.assert_allclose(float(loss), float(io["loss"]), rtol=1e-5)
 
 
@@ -70,7 +70,8 @@ def test_grad_accum_matches_one_batch():
     with jax.default_matmul_precision("highest"):
         for n in (1, 2, 4):
             r = train.Recipe(grad_accum=n, caption_drop=0.5, warmup=1)  # lr 1e-3 at step 3; drops half the captions
-            out[n] = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r))(state, images, context, mask)
+            step = functools.partial(train.denoiser_step, cfg=cfg, r=r, mesh=train.make_mesh(jax.devices()[:1]))
+            out[n] = jax.jit(step)(state, images, context, mask)
     (ref, ref_metrics) = out[1]
     for n in (2, 4):
         got, metrics = out[n]
@@ -192,6 +193,69 @@ def test_data_parallel_matches_single_device():
         np.testing.assert_allclose(out[name]["loss"], ref["loss"], rtol=1e-5)
         for k, v in ref["params"].items():
             np.testing.assert_allclose(out[name]["params"][k], v, atol=1e-5)
+
+
+HLO_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import collections, functools, json, re, sys
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import model, train
+    cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=32, hidden_size=64, depth=1, num_heads=2,
+                            head_dim=32, pca_channels=8)
+    shapes = jax.eval_shape(functools.partial(train.init_state, cfg=cfg), jax.random.key(0))
+    batch = {"images": jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32),  # T5 features: no T5 to compile
+             "context": jax.ShapeDtypeStruct((8, 6, 32), np.float32), "mask": jax.ShapeDtypeStruct((8, 6), np.int32)}
+    COLLECTIVE = r"= (.*?) (all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)(?:-start)?\\("
+    out = {"params": sum(x.size for x in jax.tree.leaves(shapes["params"]))}
+    for fsdp, accum in [(False, 1), (False, 2), (False, 4), (True, 1), (True, 4)]:
+        r = train.Recipe(batch_size=8, fsdp=fsdp, grad_accum=accum)
+        step, _, _ = train.make_train_step(train.make_mesh(jax.devices()), shapes, {}, cfg, None, r)
+        hlo = step.lower(shapes, {}, batch).compile().as_text()
+        bodies, name = {}, None  # computation name -> its lines
+        for line in hlo.splitlines():
+            start = re.match(r"(?:ENTRY )?(%[\\w.-]+) .*\\{$", line)
+            name = start.group(1) if start else name
+            bodies.setdefault(name, []).append(line)
+        loops = set(re.findall(r"body=(%[\\w.-]+)", hlo))
+        reached = set()  # every computation a loop body runs, through calls of any kind
+        while loops - reached:
+            reached |= loops
+            loops |= {c for b in reached for line in bodies[b] for c in re.findall(r"=(%[\\w.-]+)", line)}
+        ops, in_loops, reduced = collections.Counter(), 0, 0
+        for name, lines in bodies.items():
+            for line in lines:
+                hit = re.search(COLLECTIVE, line)
+                if not hit:
+                    continue
+                ops[hit.group(2)] += 1
+                in_loops += name in reached
+                if hit.group(2) in ("all-reduce", "reduce-scatter"):  # a reduce-scatter: 1 of 2 halves out
+                    size = sum(int(np.prod([int(d) for d in s.split(",") if d]))
+                               for s in re.findall(r"[a-z]+\\d*\\[([\\d,]*)\\]", hit.group(1)))
+                    reduced += size * (2 if hit.group(2) == "reduce-scatter" else 1)
+        out[f"{fsdp}-{accum}"] = {"ops": ops, "in_loops": in_loops, "reduced": reduced}
+    print(json.dumps(out))
+""")
+
+
+def test_grad_accum_reduces_the_gradient_once_per_step():
+    """The compiled step on 2 simulated devices, 1, 2 and 4 micro-batches: no collective inside a loop (the
+    scan over micro-batches included), the same collectives whatever the number of micro-batches, and the
+    reductions move one gradient's worth (reduce-scatters of the sharded tensors under FSDP), besides a few
+    scalars: the loss and its sums and counts by noise level."""
+    proc = subprocess.run([sys.executable, "-c", HLO_SCRIPT, ROOT], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    params = out.pop("params")
+    for runs in ([out["False-1"], out["False-2"], out["False-4"]], [out["True-1"], out["True-4"]]):
+        assert all(run["in_loops"] == 0 for run in runs), runs
+        assert all(run["ops"] == runs[0]["ops"] and run["reduced"] == runs[0]["reduced"] for run in runs), runs
+        # At most one gradient (XLA drops the reduction of gradients it knows are 0: the last block's text
+        # stream feeds nothing) and the loss's sums and counts by noise level.
+        assert all(run["reduced"] <= params + 2 * train.T_BUCKETS + 1 for run in runs), (params, runs)
+    assert out["True-4"]["ops"]["reduce-scatter"] > 0 and "reduce-scatter" not in out["False-4"]["ops"]
 
 
 def run_cli(*args, timeout=240):
