@@ -3,6 +3,7 @@ import errno
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 import data
 import model
@@ -311,17 +313,55 @@ def test_other_config_in_out_dir_and_wrong_init(tmp_path):
     assert not os.path.isdir(os.path.join(other, "checkpoints"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+def test_non_finite_loss_stops_at_its_step_and_goes_on_with_a_smaller_lr(tmp_path):
+    """An absurd --lr after a good checkpoint: step 3's update blows the weights up, step 4's loss is not
+    finite. The run stops there (found one step behind, at step 5: no log line or save is due at 4), names
+    the step and the noise levels, writes nothing of it, and the same command with a smaller --lr goes on
+    from the last good checkpoint."""
     run = str(tmp_path / "run")
-    train.main(SMALL + ["--out", run, "--steps", "1", "--ckpt-every", "1"])
-    path = os.path.join(run, "checkpoints", "step_00000001", "params.safetensors")
-    params = dict(model.read_safetensors(path))
-    params["final_layer.linear.bias"] = np.full_like(params["final_layer.linear.bias"], np.nan)  # a diverged model
-    model.write_safetensors(path, params)
-    with pytest.raises(SystemExit, match="loss is nan at step 2; stopping") as stopped:
-        train.main(SMALL + ["--out", run, "--steps", "3", "--ckpt-every", "1"])
-    assert stopped.value.code != 0
-    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000001"]  # nothing written over it
+    args = SMALL + ["--out", run, "--log-every", "100", "--ckpt-every", "5", "--steps", "6"]
+    train.main(args[:-1] + ["2"])
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args + ["--lr", "1e30"])
+    assert stopped.value.code != 0 and str(stopped.value).splitlines() == [str(stopped.value)]
+    last = os.path.join(run, "checkpoints", "step_00000002")
+    assert re.fullmatch(r"train.py: step 4: the loss is not finite at t \d.\d\d-\d.\d\d.*; stopped, nothing of "
+                        rf"this step saved; the last good checkpoint {re.escape(last)} is kept: the same "
+                        r"command with a smaller --lr \(now 1e\+30\) goes on from there", str(stopped.value))
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000002"]
+    train.main(args + ["--lr", "1e-3"])
+    assert [m["step"] for m in read_log(run)] == [2, 6] and all(np.isfinite(m["loss"]) for m in read_log(run))
+
+
+def test_loss_by_noise_level_picture_and_summary(tmp_path, capsys):
+    """t held in [0.75, 1): every example in the last noise-level bucket, whose mean loss is then the
+    step's loss; the others empty. The grid's step draws samples/loss.png; the run ends with one summary
+    line."""
+    run = str(tmp_path / "run")
+    train.main(SMALL + ["--out", run, "--steps", "2", "--t-mu", "2.2", "--t-sigma", "0.01",  # t = 0.90
+                        "--sample-every", "2", "--sample-steps", "1"])
+    for m in read_log(run):  # float32 sum / count against the mean: rounding
+        assert m["loss_by_t"][:3] == [None] * 3 and m["loss_by_t"][3] == pytest.approx(m["loss"], rel=1e-5)
+    assert Image.open(os.path.join(run, "samples", "loss.png")).size == (640, 360)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"train.py: 2 steps to step 2 in \d+ s, [\d.]+ images/s; final loss by noise level: "
+                        r"t 0.00-0.25 -, t 0.25-0.50 -, t 0.50-0.75 -, t 0.75-1.00 [\d.]+; faithfulness \d+%; "
+                        rf"samples in {re.escape(run)}/samples, checkpoints in {re.escape(run)}/checkpoints",
+                        err[-1]), err[-1]
+
+
+def test_loss_picture(tmp_path):
+    """Every noise level's curve and the faithfulness curve (black) drawn inside the axes' box."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(m) + "\n" for m in
+                           [{"step": 0, "text": "the start-up line"}]
+                           + [{"step": s, "loss": 1.0, "loss_by_t": [2 / s, 1 / s, 0.1, None if s < 30 else 0.02]}
+                              for s in range(10, 101, 10)]
+                           + [{"step": s, "faithfulness": s / 200} for s in (50, 100)]))
+    train.plot_log(str(log), str(tmp_path / "loss.png"))
+    picture = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))[30:-50, 70:-60]  # inside the box
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert set(train.T_COLOURS) | {(0, 0, 0)} <= colours
 
 
 def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
