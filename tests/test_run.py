@@ -62,7 +62,7 @@ def test_each_flag_leaves_its_trace(user_run):
     assert [m["step"] for m in steps] == [1, 2]
     assert all(m["lr"] == pytest.approx(2e-3, rel=1e-6) for m in steps)  # --warmup 0: the full rate at once
     assert os.listdir(os.path.join(user_run, "checkpoints")) == ["step_00000002"]  # --ckpt-every 1 --keep 1
-    assert os.listdir(os.path.join(user_run, "samples")) == ["step_000002.png"]  # --sample-every 2
+    assert sorted(os.listdir(os.path.join(user_run, "samples"))) == ["loss.png", "step_000002.png"]
     assert sample.read_json(os.path.join(user_run, "config.json"))["recipe"]["noise_scale"] == 1
     # The start-up line: the tokenizer was fitted to these captions, and four distinct captions pay to encode once.
     text = log[0]["text"]

@@ -128,8 +128,8 @@ def test_resume_is_exact(tmp_path, capsys):
         scores = [m["faithfulness"] for m in map(json.loads, f) if "faithfulness" in m]
     assert len(scores) == 1 and 0 <= scores[0] <= 1  # one grid; an untrained net's score is near 0
     assert f"step 12: faithfulness {scores[0]:.0%} of 64 prompts" in capsys.readouterr().out
-    assert sorted(os.listdir(os.path.join(straight, "samples"))) == ["step_000012.png", "step_000012_12x20.png",
-                                                                      "step_000012_20x12.png"]
+    assert sorted(os.listdir(os.path.join(straight, "samples"))) == ["loss.png", "step_000012.png",
+                                                                      "step_000012_12x20.png", "step_000012_20x12.png"]
 
 
 DEVICES_SCRIPT = textwrap.dedent("""
