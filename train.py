@@ -79,9 +79,10 @@ class Recipe:
     init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
 
 
-# Fields that may change when a run is resumed: they do not change what the run computes.
+# Fields that may change when a run is resumed: they do not change what the run computes, but for
+# lr: a run whose loss went non-finite goes on from its last good checkpoint with a smaller one.
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
-             "grad_accum"}
+             "grad_accum", "lr"}
 PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256,
              log_every=100, sample_every=5000, ckpt_every=5000)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
@@ -112,13 +113,14 @@ def rng(seed, stream):
 
 
 def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01, dtype=jnp.float32, remat=False):
-    """x-prediction trained with the v-loss. t: [B] in (0, 1), t = 1 is data; noise already scaled."""
+    """x-prediction trained with the v-loss, per example [B]. t: [B] in (0, 1), t = 1 is data; noise
+    already scaled."""
     t = t[:, None, None, None]
     x_t = t * images + (1 - t) * noise
     x0_hat = model.mmjit_apply(params, cfg, x_t, context, mask, dtype, remat)
     v_hat = sample.velocity(x0_hat, x_t, t, a_min)  # the clip at a_min keeps t -> 1 from blowing up the loss
     v = sample.velocity(images, x_t, t, a_min)
-    return jnp.mean((v_hat - v) ** 2)
+    return jnp.mean((v_hat - v) ** 2, axis=(1, 2, 3))  # [B]
 
 
 def lr_schedule(r):
@@ -147,43 +149,73 @@ def adamw_ema(state, grads, grad_norm, r):
     return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
 
-def train_step(state, t5_params, batch, *, cfg, t5cfg, r):
+def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh):
     """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
     dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
     denoiser_step. A batch's "stop" flags (a process asked to stop sets its examples') come back as one global
     maximum, so that every process takes the same decision at the same step."""
     context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
-    state, metrics = denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
+    state, metrics = denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r,
+                                   mesh=mesh)
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
 
-def denoiser_step(state, images, context, mask, *, cfg, r):
-    """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a resumed
-    run draws exactly what an uninterrupted one would; it draws for the whole batch, so an example's draws do
-    not depend on --grad-accum either."""
+T_BUCKETS = 4  # the loss is also told by noise level: t in [0, 1/4), ..., [3/4, 1); t = 0 is noise
+
+
+def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
+    """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a
+    resumed run draws exactly what an uninterrupted one would; it draws for the whole batch, so an
+    example's draws depend on neither --grad-accum nor the device count. Besides the loss: its sum
+    and the number of examples in each t bucket, which the loop adds up between log lines."""
     params, step, B = state["params"], state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
     loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
-    loss, grads = accumulated_grads(loss_fn, params, (images, context, mask, t, noise), r.grad_accum)
-    grad_norm = optax.tree.norm(grads)
-    return adamw_ema(state, grads, grad_norm, r), {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step)}
+    batch = (images, context, mask, t, noise)
+    losses, grads = accumulated_grads(loss_fn, params, batch, r.grad_accum,
+                                      state_shardings(mesh, params, r.fsdp))
+    loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
+    bucket = jnp.minimum((t * T_BUCKETS).astype(jnp.int32), T_BUCKETS - 1)  # [B]
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step),
+               "loss_sum_by_t": jnp.zeros(T_BUCKETS).at[bucket].add(losses),
+               "count_by_t": jnp.zeros(T_BUCKETS, jnp.int32).at[bucket].add(1)}
+    return adamw_ema(state, grads, grad_norm, r), metrics
 
 
-def accumulated_grads(loss_fn, params, batch, n):
-    """Mean loss and gradient over the batch, computed as n equal micro-batches one after another (a scan: one
-    compiled body). Micro-batch i holds examples i, i + n, i + 2n, ...: on a batch split over devices along
-    its first axis, each device keeps its own rows, so no data moves."""
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)  # [n, B/n, ...]
+def accumulated_grads(loss_fn, params, batch, n, shardings):
+    """Per-example losses [B] and the mean gradient over the batch, laid out as `shardings` (the
+    state's). Each device runs its own rows as n equal micro-batches one after another (a scan: one
+    compiled body) and adds up their gradients locally; one reduction per tensor after the last
+    micro-batch (a reduce-scatter onto the tensor's shard under FSDP) moves the gradient once a
+    step whatever n. Left to XLA, the sum over devices sat inside the scan: n times the bytes."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    specs = jax.tree.map(lambda s: s.spec, shardings)
 
-    def add(total, xs):
-        return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *xs)), None
+    def reduce(g, spec):  # the mean over all devices' micro-batches, onto this device's part
+        g = g / (n * jax.lax.axis_size("data"))
+        axes = [i for i, name in enumerate(spec) if name == "data"]
+        if axes:
+            return jax.lax.psum_scatter(g, "data", scatter_dimension=axes[0], tiled=True)
+        return jax.lax.psum(g, "data")
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(add, zeros, micro)
-    return jax.tree.map(lambda x: x / n, total)  # equal sizes: the mean of the means is the batch mean
+    def local(params, batch):  # on one device: the whole params, its B/D rows of the batch
+        params = jax.lax.pcast(params, "data", to="varying")  # its own gradient: no implicit sum
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1),
+                             batch)  # [n, B/D/n, ...]: micro-batch i holds rows i, i + n, ...
+
+        def add(total, xs):
+            losses, grads = jax.vjp(lambda p: loss_fn(p, *xs), params)
+            (grads,) = grads(jnp.full_like(losses, 1 / len(losses)))  # of the micro-batch's mean
+            return jax.tree.map(jnp.add, total, grads), losses
+
+        total, losses = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), micro)  # [n, B/D/n]
+        return losses.swapaxes(0, 1).reshape(-1), jax.tree.map(reduce, total, specs)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")),
+                         out_specs=(P("data"), specs))(params, batch)
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -213,7 +245,7 @@ def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r),
+    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding
@@ -651,26 +683,34 @@ def main(argv=None):
     log = open_log(os.path.join(run, "log.jsonl"), start) if first else None
     write_log(log, {"step": start, "text": line, **coverage})
     bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=not first)
-    clock, last = (time.perf_counter(), start), None
+    began = time.perf_counter()
+    clock, last, window, by_t, score = (began, start), None, [], None, None
     with loader:
         for step in bar:
             batch = next(loader)
             batch = device_batch(batch, batch_sharding, features, stop)
             state, metrics = step_fn(state, t5_params, batch)
             done = step + 1
-            stopping = last is not None and bool(last["stop"])  # every process's request: one step behind, not to stall
+            window.append(metrics)
+            if last is not None:  # the previous step's flags: one step behind, not to stall
+                check_finite(log, jax.device_get(last), done - 1, run, r)
+            stopping = last is not None and bool(last["stop"])  # every process's request
             last = metrics
+            saving = done % r.ckpt_every == 0 or done == r.steps or stopping
+            if saving or done % r.log_every == 0:  # this step's, before anything of it is written
+                check_finite(log, jax.device_get(metrics), done, run, r)
             if done % r.log_every == 0 or done == r.steps or stopping:
-                clock = log_step(log, bar, metrics, done, clock, r, loader)
-            if done % r.ckpt_every == 0 or done == r.steps or stopping:
-                if not np.isfinite(float(metrics["loss"])):  # never overwrite a good checkpoint with a broken one
-                    sys.exit(f"train.py: loss is not finite at step {done}; stopping, the last checkpoint is kept")
+                clock, by_t = log_step(log, bar, metrics, window, done, clock, r, loader)
+                window = []
+            if saving:
                 save_checkpoint(run, state, loader.state(), r.keep)
             if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
                 score = save_grid(run, done, state["ema"], cfg, grid, r)
                 if score is not None and first:  # the share of the 64 synthetic prompts whose sample shows it
                     bar.write(f"step {done}: faithfulness {score:.0%} of {len(prompts)} prompts")
                     write_log(log, {"step": done, "faithfulness": score})
+                if first:
+                    plot_log(os.path.join(run, "log.jsonl"), os.path.join(run, "samples/loss.png"))
             if stopping:
                 print(f"train.py: stopped at step {done}; resume with the same command", file=sys.stderr)
                 break
@@ -678,6 +718,8 @@ def main(argv=None):
         print(loader.summary(), file=sys.stderr)
         write_log(log, {"step": int(state["step"]), "data": loader.summary()})
         log.close()
+        seconds = time.perf_counter() - began
+        print(run_summary(run, start, int(state["step"]), seconds, r, by_t, score), file=sys.stderr)
 
 
 def device_batch(batch, sharding, features, stop):
@@ -703,16 +745,92 @@ def write_log(log, record):
         log.flush()
 
 
-def log_step(log, bar, metrics, done, clock, r, loader):
-    """One line of log.jsonl and the progress bar; stops the run on a non-finite loss. Returns the new clock."""
-    m = {k: float(v) for k, v in metrics.items() if k != "stop"}
-    if not np.isfinite(m["loss"]):
-        sys.exit(f"train.py: loss is {m['loss']} at step {done}; stopping, the last checkpoint is kept")
+T_NAMES = [f"t {i / T_BUCKETS:.2f}-{(i + 1) / T_BUCKETS:.2f}" for i in range(T_BUCKETS)]
+T_COLOURS = [(40, 90, 200), (40, 160, 160), (220, 140, 20), (200, 40, 40)]  # from noise to data
+
+
+def log_step(log, bar, metrics, window, done, clock, r, loader):
+    """One line of log.jsonl and the progress bar: this step's loss, and the mean loss of each noise
+    level over the window of steps since the last line (a step's batch may hold no example of a
+    level). Returns the new clock and those means (None: no example)."""
+    m = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and k != "stop"}
+    window = jax.device_get([[w["loss_sum_by_t"], w["count_by_t"]] for w in window])
+    sums, counts = np.sum(window, axis=0)
+    by_t = [float(s / c) if c else None for s, c in zip(sums, counts)]
     now = time.perf_counter()
-    m |= {"step": done, "skipped": loader.skipped, "images_per_s": (done - clock[1]) * r.batch_size / (now - clock[0])}
-    bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}")
+    m |= {"step": done, "loss_by_t": by_t, "skipped": loader.skipped,
+          "images_per_s": (done - clock[1]) * r.batch_size / (now - clock[0])}
+    by_t_text = " ".join("-" if x is None else f"{x:.3f}" for x in by_t)
+    bar.set_postfix(loss=f"{m['loss']:.4f}", by_t=by_t_text, img_s=f"{m['images_per_s']:.0f}")
     write_log(log, m)
-    return now, done
+    return (now, done), by_t
+
+
+def check_finite(log, m, step, run, r):
+    """Stops the run at a step whose loss or gradient is not finite, before anything of it is saved,
+    with one line naming the step, the noise levels whose loss is not finite, and how to go on."""
+    if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+        return
+    bad = [name for name, s, c in zip(T_NAMES, m["loss_sum_by_t"], m["count_by_t"])
+           if c and not np.isfinite(s)]
+    what = f"the loss is not finite at {', '.join(bad)}" if bad else "the gradient is not finite"
+    try:
+        go_on = f"the last good checkpoint {sample.latest_checkpoint(run)} is kept"
+    except FileNotFoundError:
+        go_on = "no checkpoint was saved before it"
+    line = (f"step {step}: {what}; stopped, nothing of this step saved; {go_on}: the same command "
+            f"with a smaller --lr (now {r.lr:g}) goes on from there")
+    write_log(log, {"step": step, "stopped": line})
+    sys.exit(f"train.py: {line}")
+
+
+def run_summary(run, start, step, seconds, r, by_t, score):
+    """The end of a run in one line: what it did, how fast, where it stands, where its files are."""
+    loss = ", ".join(f"{name} {'-' if x is None else f'{x:.4f}'}"
+                     for name, x in zip(T_NAMES, by_t or [None] * T_BUCKETS))
+    return (f"train.py: {step - start} steps to step {step} in {seconds:.0f} s, "
+            f"{(step - start) * r.batch_size / seconds:.1f} images/s; final loss by noise level: "
+            + loss + ("" if score is None else f"; faithfulness {score:.0%}")
+            + f"; samples in {os.path.join(run, 'samples')}, checkpoints in "
+            + os.path.join(run, "checkpoints"))
+
+
+def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
+    """A picture of log.jsonl: the loss of each noise level against the step on a log scale (left
+    axis), and the faithfulness of the grids of built-in shapes, 0 to 100% (right axis, black)."""
+    from PIL import Image, ImageDraw
+
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    losses = [(m["step"], i, x) for m in records for i, x in enumerate(m.get("loss_by_t", [])) if x]
+    if not losses:
+        return
+    scores = [(m["step"], m["faithfulness"]) for m in records if "faithfulness" in m]
+    (W, H), (left, top, right, bottom) = size, margin
+    last = max([s for s, _, _ in losses] + [s for s, _ in scores])
+    lo, hi = (f(np.log10([x for _, _, x in losses])) for f in (np.min, np.max))
+    lo, hi = np.floor(lo), max(np.ceil(hi), np.floor(lo) + 1)  # whole decades
+    x_of = lambda step: left + (W - left - right) * step / last
+    y_of = lambda fraction: H - bottom - (H - top - bottom) * fraction  # of the height, from below
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, W - right, H - bottom], outline="gray")
+    for decade in range(int(lo), int(hi) + 1):
+        y = y_of((decade - lo) / (hi - lo))
+        draw.line([left - 4, y, left, y], fill="gray")
+        draw.text((4, y - 6), f"1e{decade}", fill="black")
+    for fraction in (0, 0.5, 1):
+        draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
+    draw.text((left, H - bottom + 6), "0", fill="black")
+    draw.text((W - right - 40, H - bottom + 6), f"step {last}", fill="black")
+    for i, (name, colour) in enumerate(zip(T_NAMES, T_COLOURS)):
+        points = [(x_of(s), y_of((np.log10(x) - lo) / (hi - lo))) for s, j, x in losses if j == i]
+        draw.line(points + points[-1:], fill=colour, width=2)  # a lone point: a dot
+        draw.text((left + 10 + 110 * i, H - 18), name, fill=colour)
+    if scores:
+        draw.line([(x_of(s), y_of(x)) for s, x in scores + scores[-1:]], fill="black", width=2)
+        draw.text((left + 10 + 110 * T_BUCKETS, H - 18), "faithfulness", fill="black")
+    image.save(out)
 
 
 def grid_prompts(r, captions):

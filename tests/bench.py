@@ -110,7 +110,7 @@ def bench_train(cfg, args):
     mesh = train.make_mesh(jax.devices())
     shardings = train.state_shardings(mesh, jax.eval_shape(init, jax.random.key(0)), r.fsdp)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    step = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r), donate_argnums=0)
+    step = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r, mesh=mesh), donate_argnums=0)
     B, L = args.batch_size, args.text_length
     images = jax.random.uniform(jax.random.key(1), (B, *args.shape, 3), minval=-1, maxval=1)
     context = jax.random.normal(jax.random.key(2), (B, L, cfg.txt_dim))

@@ -62,7 +62,7 @@ def test_each_flag_leaves_its_trace(user_run):
     assert [m["step"] for m in steps] == [1, 2]
     assert all(m["lr"] == pytest.approx(2e-3, rel=1e-6) for m in steps)  # --warmup 0: the full rate at once
     assert os.listdir(os.path.join(user_run, "checkpoints")) == ["step_00000002"]  # --ckpt-every 1 --keep 1
-    assert os.listdir(os.path.join(user_run, "samples")) == ["step_000002.png"]  # --sample-every 2
+    assert sorted(os.listdir(os.path.join(user_run, "samples"))) == ["loss.png", "step_000002.png"]
     assert model.read_json(os.path.join(user_run, "config.json"))["recipe"]["noise_scale"] == 1
     # The start-up line: the tokenizer was fitted to these captions, and four distinct captions pay to encode once.
     text = log[0]["text"]
@@ -150,7 +150,7 @@ def test_a_mistake_is_one_line_and_exit_2_from_the_shell(tmp_path):
 def test_run_directory_of_another_run_or_finished(user_run, folder):
     config = open(os.path.join(user_run, "config.json")).read()
     same = SMALL_RUN + ["--data", folder, "--out", user_run, "--keep", "1", "--warmup", "0", "--noise-scale", "1"]
-    with pytest.raises(train.UsageError, match=r"holds another run \(lr 0.002 -> 0.001; seed 0 -> 3\): give the same"):
+    with pytest.raises(train.UsageError, match=r"holds another run \(seed 0 -> 3\): give the same"):
         train.main(same + ["--lr", "1e-3", "--seed", "3"])
     with pytest.raises(train.UsageError, match="is finished .2 of --steps 2.: give a larger --steps"):
         train.main(same + ["--lr", "2e-3", "--steps", "2"])

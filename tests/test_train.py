@@ -3,6 +3,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 import data
 import model
@@ -28,7 +30,7 @@ def test_loss_matches_reference():
     io = np.load(os.path.join(FIXTURES, "mmjit_tiny", "io.npz"))
     with jax.default_matmul_precision("highest"):
         loss = jax.jit(train.flow_matching_loss, static_argnums=1)(
-            params, cfg, io["img"], io["context"], io["mask"], io["t"], io["noise"], 0.01)
+            params, cfg, io["img"], io["context"], io["mask"], io["t"], io["noise"], 0.01).mean()
     np.testing.assert_allclose(float(loss), float(io["loss"]), rtol=1e-5)
 
 
@@ -71,7 +73,8 @@ def test_grad_accum_matches_one_batch():
     with jax.default_matmul_precision("highest"):
         for n in (1, 2, 4):
             r = train.Recipe(grad_accum=n, caption_drop=0.5, warmup=1)  # lr 1e-3 at step 3; drops half the captions
-            out[n] = jax.jit(functools.partial(train.denoiser_step, cfg=cfg, r=r))(state, images, context, mask)
+            step = functools.partial(train.denoiser_step, cfg=cfg, r=r, mesh=train.make_mesh(jax.devices()[:1]))
+            out[n] = jax.jit(step)(state, images, context, mask)
     (ref, ref_metrics) = out[1]
     for n in (2, 4):
         got, metrics = out[n]
@@ -126,8 +129,8 @@ def test_resume_is_exact(tmp_path, capsys):
         scores = [m["faithfulness"] for m in map(json.loads, f) if "faithfulness" in m]
     assert len(scores) == 1 and 0 <= scores[0] <= 1  # one grid; an untrained net's score is near 0
     assert f"step 12: faithfulness {scores[0]:.0%} of 64 prompts" in capsys.readouterr().out
-    assert sorted(os.listdir(os.path.join(straight, "samples"))) == ["step_000012.png", "step_000012_12x20.png",
-                                                                      "step_000012_20x12.png"]
+    assert sorted(os.listdir(os.path.join(straight, "samples"))) == ["loss.png", "step_000012.png",
+                                                                      "step_000012_12x20.png", "step_000012_20x12.png"]
 
 
 DEVICES_SCRIPT = textwrap.dedent("""
@@ -195,6 +198,69 @@ def test_data_parallel_matches_single_device():
             np.testing.assert_allclose(out[name]["params"][k], v, atol=1e-5)
 
 
+HLO_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import collections, functools, json, re, sys
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import model, train
+    cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=32, hidden_size=64, depth=1, num_heads=2,
+                            head_dim=32, pca_channels=8)
+    shapes = jax.eval_shape(functools.partial(train.init_state, cfg=cfg), jax.random.key(0))
+    batch = {"images": jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32),  # T5 features: no T5 to compile
+             "context": jax.ShapeDtypeStruct((8, 6, 32), np.float32), "mask": jax.ShapeDtypeStruct((8, 6), np.int32)}
+    COLLECTIVE = r"= (.*?) (all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)(?:-start)?\\("
+    out = {"params": sum(x.size for x in jax.tree.leaves(shapes["params"]))}
+    for fsdp, accum in [(False, 1), (False, 2), (False, 4), (True, 1), (True, 4)]:
+        r = train.Recipe(batch_size=8, fsdp=fsdp, grad_accum=accum)
+        step, _, _ = train.make_train_step(train.make_mesh(jax.devices()), shapes, {}, cfg, None, r)
+        hlo = step.lower(shapes, {}, batch).compile().as_text()
+        bodies, name = {}, None  # computation name -> its lines
+        for line in hlo.splitlines():
+            start = re.match(r"(?:ENTRY )?(%[\\w.-]+) .*\\{$", line)
+            name = start.group(1) if start else name
+            bodies.setdefault(name, []).append(line)
+        loops = set(re.findall(r"body=(%[\\w.-]+)", hlo))
+        reached = set()  # every computation a loop body runs, through calls of any kind
+        while loops - reached:
+            reached |= loops
+            loops |= {c for b in reached for line in bodies[b] for c in re.findall(r"=(%[\\w.-]+)", line)}
+        ops, in_loops, reduced = collections.Counter(), 0, 0
+        for name, lines in bodies.items():
+            for line in lines:
+                hit = re.search(COLLECTIVE, line)
+                if not hit:
+                    continue
+                ops[hit.group(2)] += 1
+                in_loops += name in reached
+                if hit.group(2) in ("all-reduce", "reduce-scatter"):  # a reduce-scatter: 1 of 2 halves out
+                    size = sum(int(np.prod([int(d) for d in s.split(",") if d]))
+                               for s in re.findall(r"[a-z]+\\d*\\[([\\d,]*)\\]", hit.group(1)))
+                    reduced += size * (2 if hit.group(2) == "reduce-scatter" else 1)
+        out[f"{fsdp}-{accum}"] = {"ops": ops, "in_loops": in_loops, "reduced": reduced}
+    print(json.dumps(out))
+""")
+
+
+def test_grad_accum_reduces_the_gradient_once_per_step():
+    """The compiled step on 2 simulated devices, 1, 2 and 4 micro-batches: no collective inside a loop (the
+    scan over micro-batches included), the same collectives whatever the number of micro-batches, and the
+    reductions move one gradient's worth (reduce-scatters of the sharded tensors under FSDP), besides a few
+    scalars: the loss and its sums and counts by noise level."""
+    proc = subprocess.run([sys.executable, "-c", HLO_SCRIPT, ROOT], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    params = out.pop("params")
+    for runs in ([out["False-1"], out["False-2"], out["False-4"]], [out["True-1"], out["True-4"]]):
+        assert all(run["in_loops"] == 0 for run in runs), runs
+        assert all(run["ops"] == runs[0]["ops"] and run["reduced"] == runs[0]["reduced"] for run in runs), runs
+        # At most one gradient (XLA drops the reduction of gradients it knows are 0: the last block's text
+        # stream feeds nothing) and the loss's sums and counts by noise level.
+        assert all(run["reduced"] <= params + 2 * train.T_BUCKETS + 1 for run in runs), (params, runs)
+    assert out["True-4"]["ops"]["reduce-scatter"] > 0 and "reduce-scatter" not in out["False-4"]["ops"]
+
+
 def run_cli(*args, timeout=240):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
@@ -248,17 +314,55 @@ def test_other_config_in_out_dir_and_wrong_init(tmp_path):
     assert not os.path.isdir(os.path.join(other, "checkpoints"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+def test_non_finite_loss_stops_at_its_step_and_goes_on_with_a_smaller_lr(tmp_path):
+    """An absurd --lr after a good checkpoint: step 3's update blows the weights up, step 4's loss is not
+    finite. The run stops there (found one step behind, at step 5: no log line or save is due at 4), names
+    the step and the noise levels, writes nothing of it, and the same command with a smaller --lr goes on
+    from the last good checkpoint."""
     run = str(tmp_path / "run")
-    train.main(SMALL + ["--out", run, "--steps", "1", "--ckpt-every", "1"])
-    path = os.path.join(run, "checkpoints", "step_00000001", "params.safetensors")
-    params = dict(model.read_safetensors(path))
-    params["final_layer.linear.bias"] = np.full_like(params["final_layer.linear.bias"], np.nan)  # a diverged model
-    model.write_safetensors(path, params)
-    with pytest.raises(SystemExit, match="loss is nan at step 2; stopping") as stopped:
-        train.main(SMALL + ["--out", run, "--steps", "3", "--ckpt-every", "1"])
-    assert stopped.value.code != 0
-    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000001"]  # nothing written over it
+    args = SMALL + ["--out", run, "--log-every", "100", "--ckpt-every", "5", "--steps", "6"]
+    train.main(args[:-1] + ["2"])
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args + ["--lr", "1e30"])
+    assert stopped.value.code != 0 and str(stopped.value).splitlines() == [str(stopped.value)]
+    last = os.path.join(run, "checkpoints", "step_00000002")
+    assert re.fullmatch(r"train.py: step 4: the loss is not finite at t \d.\d\d-\d.\d\d.*; stopped, nothing of "
+                        rf"this step saved; the last good checkpoint {re.escape(last)} is kept: the same "
+                        r"command with a smaller --lr \(now 1e\+30\) goes on from there", str(stopped.value))
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000002"]
+    train.main(args + ["--lr", "1e-3"])
+    assert [m["step"] for m in read_log(run)] == [2, 6] and all(np.isfinite(m["loss"]) for m in read_log(run))
+
+
+def test_loss_by_noise_level_picture_and_summary(tmp_path, capsys):
+    """t held in [0.75, 1): every example in the last noise-level bucket, whose mean loss is then the
+    step's loss; the others empty. The grid's step draws samples/loss.png; the run ends with one summary
+    line."""
+    run = str(tmp_path / "run")
+    train.main(SMALL + ["--out", run, "--steps", "2", "--t-mu", "2.2", "--t-sigma", "0.01",  # t = 0.90
+                        "--sample-every", "2", "--sample-steps", "1"])
+    for m in read_log(run):  # float32 sum / count against the mean: rounding
+        assert m["loss_by_t"][:3] == [None] * 3 and m["loss_by_t"][3] == pytest.approx(m["loss"], rel=1e-5)
+    assert Image.open(os.path.join(run, "samples", "loss.png")).size == (640, 360)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"train.py: 2 steps to step 2 in \d+ s, [\d.]+ images/s; final loss by noise level: "
+                        r"t 0.00-0.25 -, t 0.25-0.50 -, t 0.50-0.75 -, t 0.75-1.00 [\d.]+; faithfulness \d+%; "
+                        rf"samples in {re.escape(run)}/samples, checkpoints in {re.escape(run)}/checkpoints",
+                        err[-1]), err[-1]
+
+
+def test_loss_picture(tmp_path):
+    """Every noise level's curve and the faithfulness curve (black) drawn inside the axes' box."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(m) + "\n" for m in
+                           [{"step": 0, "text": "the start-up line"}]
+                           + [{"step": s, "loss": 1.0, "loss_by_t": [2 / s, 1 / s, 0.1, None if s < 30 else 0.02]}
+                              for s in range(10, 101, 10)]
+                           + [{"step": s, "faithfulness": s / 200} for s in (50, 100)]))
+    train.plot_log(str(log), str(tmp_path / "loss.png"))
+    picture = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))[30:-50, 70:-60]  # inside the box
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert set(train.T_COLOURS) | {(0, 0, 0)} <= colours
 
 
 def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
