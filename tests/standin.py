@@ -1,14 +1,14 @@
-"""A user-like stand-in folder the code did not make, a judge for it, and a run's samples scored by the judge:
-run as a script (pytest does not collect it).
+"""A user-like stand-in folder the code did not make, a judge for it, and a run's samples scored by
+the judge: run as a script (pytest does not collect it).
 
-    python tests/standin.py write FOLDER              # ten classes, 1,800 images with captions beside them
+    python tests/standin.py write FOLDER      # ten classes, 1,800 images with captions beside them
     python train.py --data FOLDER --out RUN
-    python tests/standin.py evaluate RUN              # prompt accuracy, variety and copying per guidance
+    python tests/standin.py evaluate RUN      # prompt accuracy, variety and copying per guidance
 
-The classes are six photograph-like textures and four glyphs in the machine's fonts, one sub-folder each
-(the label; train.py reads only the captions). The judge is a small MLP on colour, gradient and shape
-features of the images at the run's square size, trained on 80% of the real images; its accuracy on the
-other 20% is printed first, because a weak judge makes every other figure meaningless.
+The classes are six photograph-like textures and four glyphs in the machine's fonts, one sub-folder
+each (the label; train.py reads only the captions). The judge is a small MLP on colour, gradient and
+shape features of the images at the run's square size, trained on 80% of the real images; its
+accuracy on the other 20% is printed first: a weak judge makes every other figure meaningless.
 """
 import argparse
 import glob
@@ -54,11 +54,11 @@ GLYPHS = {"letter_a": "A", "letter_s": "S", "digit_7": "7", "ampersand": "&"}
 PER_CLASS = 180
 
 
-# --------------------------------------------------------------------------------------- the stand-in
+# ------------------------------------------------------------------------------- the stand-in
 
 
 def fbm(rng, h, w, cells, octaves=4):
-    """Fractal noise [h, w] in about [-1, 1]: random grids of 2^k * cells cells, smoothly upsampled."""
+    """Fractal noise [h, w] in about [-1, 1]: random grids of 2^k * cells cells, upsampled."""
     out = np.zeros((h, w), np.float32)
     for k in range(octaves):
         n = cells * 2**k
@@ -90,7 +90,8 @@ def texture(name, rng, h, w):
         veins = 1 - np.abs(np.sin(2 * math.pi * (u * rng.uniform(1, 3) + 2.5 * n))) ** 0.3
         return mix(jitter(rng, (232, 230, 225), 12), jitter(rng, (90, 90, 95)), veins)
     if name == "clouds":
-        return mix(jitter(rng, (80, 140, 220)), jitter(rng, (250, 250, 250), 5), (n + rng.uniform(0, 0.5)) * 1.6)
+        sky, cloud = jitter(rng, (80, 140, 220)), jitter(rng, (250, 250, 250), 5)
+        return mix(sky, cloud, (n + rng.uniform(0, 0.5)) * 1.6)
     if name == "bricks":  # running bond: every other row shifted half a brick
         bw, bh = rng.uniform(0.35, 0.6), rng.uniform(0.14, 0.22)
         row = np.floor(v / bh)
@@ -99,15 +100,18 @@ def texture(name, rng, h, w):
         mortar = (fu < 0.06) | (fv < 0.12)
         shade = 1 + 0.15 * np.sin(row * 12.9898 + col * 78.233) + 0.1 * n
         brick = jitter(rng, (160, 65, 45)) * shade[..., None]
-        return np.where(mortar[..., None], jitter(rng, (190, 185, 175), 10) + 20 * n[..., None], brick)
+        grey = jitter(rng, (190, 185, 175), 10) + 20 * n[..., None]
+        return np.where(mortar[..., None], grey, brick)
     if name == "water":  # crossing ripples with bright glints on their crests
-        r = np.sin(2 * math.pi * (u * rng.uniform(3, 7) + n)) * np.sin(2 * math.pi * (v * rng.uniform(1, 3) + n))
-        return mix(jitter(rng, (20, 80, 140)), jitter(rng, (60, 150, 200)), 0.5 + 0.5 * r) + 120 * (r > 0.8)[..., None]
+        r = (np.sin(2 * math.pi * (u * rng.uniform(3, 7) + n))
+             * np.sin(2 * math.pi * (v * rng.uniform(1, 3) + n)))
+        glints = 120 * (r > 0.8)[..., None]
+        return mix(jitter(rng, (20, 80, 140)), jitter(rng, (60, 150, 200)), 0.5 + 0.5 * r) + glints
     raise ValueError(name)
 
 
 def foliage(rng, h, w):
-    """Overlapping leaves (ellipses of varied greens) drawn at 2x over dark shade, then downsampled."""
+    """Overlapping leaves (ellipses of varied greens) drawn at 2x over dark shade, downsampled."""
     im = Image.new("RGB", (2 * w, 2 * h), tuple(int(c) for c in jitter(rng, (25, 50, 20), 10)))
     for _ in range(int(w * h / 40)):
         leaf = Image.new("RGBA", (40, 40))
@@ -123,12 +127,14 @@ def glyph(char, rng, h, w, fonts):
     """One character in a random font, size, place, slant and colours of clear contrast."""
     bg = rng.uniform(0, 255, 3)
     fg = np.where(bg > 128, rng.uniform(0, 90, 3), rng.uniform(165, 255, 3))
-    font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(min(h, w) * rng.uniform(0.75, 1.1)))
+    face = fonts[rng.integers(len(fonts))]
+    font = ImageFont.truetype(face, int(min(h, w) * rng.uniform(0.75, 1.1)))
     layer = Image.new("L", (2 * w, 2 * h))
     ImageDraw.Draw(layer).text((w, h), char, fill=255, font=font, anchor="mm")
     layer = layer.rotate(rng.uniform(-20, 20), Image.BICUBIC)
     dx, dy = (rng.uniform(-0.15, 0.15, 2) * (w, h)).astype(int)
-    alpha = np.asarray(layer.crop((w // 2 - dx, h // 2 - dy, w // 2 - dx + w, h // 2 - dy + h)), np.float32)
+    left, top = w // 2 - dx, h // 2 - dy
+    alpha = np.asarray(layer.crop((left, top, left + w, top + h)), np.float32)
     return mix(bg, fg, alpha / 255)
 
 
@@ -158,33 +164,37 @@ def write(folder, seed):
             ext = ("txt", "caption", "json")[i % 3]
             with open(f"{stem}.{ext}", "w") as f:
                 f.write(json.dumps({"caption": caption}) if ext == "json" else caption + "\n")
-    print(f"standin.py: wrote {len(CLASSES) * PER_CLASS} images in {len(CLASSES)} classes to {folder}")
+    print(f"standin.py: wrote {len(CLASSES) * PER_CLASS} images in {len(CLASSES)} classes to "
+          f"{folder}")
 
 
-# ------------------------------------------------------------------------------------------- the judge
+# ---------------------------------------------------------------------------------- the judge
 
 
 def real_images(folder, size):
     """(images [N, size, size, 3] in [-1, 1], as train.py's square crops; labels [N])."""
     images, labels = [], []
     for c, name in enumerate(CLASSES):
-        paths = sorted(p for p in glob.glob(os.path.join(folder, name, "*")) if p.endswith((".png", ".jpg")))
+        paths = sorted(p for p in glob.glob(os.path.join(folder, name, "*"))
+                       if p.endswith((".png", ".jpg")))
         if not paths:
-            sys.exit(f"standin.py: {folder}/{name}: no images (expected a folder made by `standin.py write`)")
+            sys.exit(f"standin.py: {folder}/{name}: no images (expected a folder made by "
+                     "`standin.py write`)")
         images += [data.load_image(p, size)[0] for p in paths]
         labels += [c] * len(paths)
     return np.stack(images), np.array(labels)
 
 
 def features(images):
-    """[N, S, S, 3] in [-1, 1] -> [N, F]: coarse colour, colour statistics, gradient orientations, spectrum
-    bands, and the shape of whatever differs from the border colour (sign-free, so that a glyph's
-    colours do not matter)."""
+    """[N, S, S, 3] in [-1, 1] -> [N, F]: coarse colour, colour statistics, gradient orientations,
+    spectrum bands, and the shape of whatever differs from the border colour (sign-free, so that a
+    glyph's colours do not matter)."""
     x = np.asarray(images, np.float32)
     n, s = x.shape[:2]
     coarse = x.reshape(n, 8, s // 8, 8, s // 8, 3).mean((2, 4)).reshape(n, -1)
     grey = x.mean(-1)
-    border = np.median(np.concatenate([grey[:, 0], grey[:, -1], grey[:, :, 0], grey[:, :, -1]], 1), 1)
+    edges = np.concatenate([grey[:, 0], grey[:, -1], grey[:, :, 0], grey[:, :, -1]], 1)
+    border = np.median(edges, 1)
     shape = np.abs(grey - border[:, None, None])
     shape = shape / (shape.max((1, 2), keepdims=True) + 1e-3)
     shape = shape.reshape(n, 16, s // 16, 16, s // 16).mean((2, 4)).reshape(n, -1)
@@ -196,24 +206,27 @@ def features(images):
     orientation = np.stack(cells, -1).reshape(n, -1)
     power = np.abs(np.fft.fft2(grey)) ** 2
     f = np.hypot(*np.meshgrid(np.fft.fftfreq(s), np.fft.fftfreq(s)))
-    bands = np.stack([np.log1p(power[:, (f >= lo) & (f < lo + 0.1)].mean(1)) for lo in np.arange(0, 0.7, 0.1)], 1)
+    bands = np.stack([np.log1p(power[:, (f >= lo) & (f < lo + 0.1)].mean(1))
+                      for lo in np.arange(0, 0.7, 0.1)], 1)
     stats = np.concatenate([x.mean((1, 2)), x.std((1, 2))], 1)
-    return np.concatenate([coarse, shape, orientation, bands, stats, magnitude.mean((1, 2))[:, None]], 1)
+    edge = magnitude.mean((1, 2))[:, None]
+    return np.concatenate([coarse, shape, orientation, bands, stats, edge], 1)
 
 
 def train_judge(feats, labels, seed=0, hidden=128, steps=400):
-    """A one-hidden-layer MLP on standardised features (full-batch AdamW) -> predict(features) -> labels."""
+    """A one-hidden-layer MLP on standardised features (AdamW) -> predict: features -> labels."""
     mean, std = feats.mean(0), feats.std(0) + 1e-6
     k1, k2 = jax.random.split(jax.random.key(seed))
     params = {"w1": jax.random.normal(k1, (feats.shape[1], hidden)) / math.sqrt(feats.shape[1]),
-              "b1": jnp.zeros(hidden), "w2": jax.random.normal(k2, (hidden, len(CLASSES))) / math.sqrt(hidden),
-              "b2": jnp.zeros(len(CLASSES))}
+              "b1": jnp.zeros(hidden), "b2": jnp.zeros(len(CLASSES)),
+              "w2": jax.random.normal(k2, (hidden, len(CLASSES))) / math.sqrt(hidden)}
     logits = lambda p, f: jax.nn.gelu(((f - mean) / std) @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
     opt = optax.adamw(3e-3, weight_decay=0.05)
 
     @jax.jit  # the data are arguments: as closed-over constants XLA spends minutes folding them
     def step(p, state, f, y):
-        grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(logits(p, f), y).mean())(p)
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(logits(p, f), y).mean()
+        grads = jax.grad(loss)(p)
         updates, state = opt.update(grads, state, p)
         return optax.apply_updates(p, updates), state
 
@@ -224,7 +237,7 @@ def train_judge(feats, labels, seed=0, hidden=128, steps=400):
 
 
 def judge(folder, size, seed=0):
-    """(predict, held-out accuracy, real images, labels): trained on 80% of every class, scored on the rest."""
+    """(predict, held-out accuracy, real images, labels): trained on 80%, scored on 20%."""
     images, labels = real_images(folder, size)
     feats = features(images)
     held = np.random.default_rng(seed).random(len(labels)) < 0.2
@@ -232,7 +245,7 @@ def judge(folder, size, seed=0):
     return predict, float(np.mean(predict(feats[held]) == labels[held])), images, labels
 
 
-# ---------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------- evaluation
 
 
 def distances(a, b):
@@ -247,8 +260,8 @@ def mean_pairwise(x):
 
 
 def draw(run, n, guidances, seed):
-    """Samples {guidance: [classes, n, S, S, 3]} of every class's prompt, clipped to [-1, 1], with the
-    run's default sampler; kept in RUN/standin_samples.npz so that a changed judge re-scores them for free."""
+    """Samples {guidance: [classes, n, S, S, 3]} of every class's prompt, clipped to [-1, 1], from
+    the run's default sampler; kept in the run's folder: a changed judge re-scores them for free."""
     path = os.path.join(run, f"standin_samples_n{n}_seed{seed}.npz")
     cached = dict(np.load(path)) if os.path.isfile(path) else {}
     missing = [g for g in guidances if f"{g:g}" not in cached]
@@ -270,31 +283,47 @@ def draw(run, n, guidances, seed):
 
 
 def evaluate(run, folder, n, guidances, seed):
+    """Per guidance: prompt accuracy, and variety and nearest-real distance over the reals' own,
+    in pixels and in the judge's standardised features. A flat or blurred sample sits near every
+    real image, so a low nearest-real ratio alone is not copying; copies are the samples nearer a
+    real image than half the reals' median nearest-neighbour distance."""
     samples = draw(run, n, guidances, seed)
     predict, held_out, reals, labels = judge(folder, samples[guidances[0]].shape[2], seed)
     print(f"judge: {held_out:.1%} held-out accuracy on real images ({len(labels)} images)")
-    real_nn = [np.sort(distances(reals[labels == c], reals[labels == c]), 1)[:, 1] for c in range(len(CLASSES))]
+    real_feats = features(reals)
+    mu, sd = real_feats.mean(0), real_feats.std(0) + 1e-6
+    spaces = {"pixels": (lambda x: x, reals),
+              "features": (lambda x: (features(x) - mu) / sd, (real_feats - mu) / sd)}
     rows = []
     for g in guidances:
-        correct, variety, nearest, copies = [], [], [], []
-        for c, x in enumerate(samples[g]):
-            own = reals[labels == c]
-            correct.append(np.mean(predict(features(x)) == c))
-            variety.append(mean_pairwise(x) / mean_pairwise(own))
-            d = distances(x, own).min(1)
-            nearest.append(d.mean() / real_nn[c].mean())
-            copies.append(np.mean(d < 0.5 * np.median(real_nn[c])))
-        rows.append({"guidance": g, "accuracy": float(np.mean(correct)), "worst_class": float(np.min(correct)),
-                     "variety": float(np.mean(variety)), "nearest_real": float(np.mean(nearest)),
-                     "copies": float(np.mean(copies)),
-                     "per_class": dict(zip(CLASSES, np.round(correct, 3).tolist()))})
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{run}, {n} samples a class, dpm++2m 20 steps, judge {held_out:.1%} on held-out real images\n")
-    print("| guidance | prompt accuracy | worst class | variety vs real | nearest-real vs real NN | copies |")
+        right = [np.mean(predict(features(x)) == c) for c, x in enumerate(samples[g])]
+        row = {"guidance": g}
+        for space, (embed, real) in spaces.items():
+            variety, nearest, copies = [], [], []
+            for c, x in enumerate(samples[g]):
+                own, x = real[labels == c], embed(x)
+                real_nn = np.sort(distances(own, own), 1)[:, 1]  # each real's nearest other real
+                d = distances(x, own).min(1)
+                variety.append(mean_pairwise(x) / mean_pairwise(own))
+                nearest.append(d.mean() / real_nn.mean())
+                copies.append(np.mean(d < 0.5 * np.median(real_nn)))
+            row |= {f"variety_{space}": float(np.mean(variety)),
+                    f"nearest_{space}": float(np.mean(nearest)),
+                    f"copies_{space}": float(np.mean(copies))}
+        row |= {"accuracy": float(np.mean(right)), "worst_class": float(np.min(right)),
+                "per_class": dict(zip(CLASSES, np.round(right, 3).tolist()))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{run}, {n} samples a class, dpm++2m 20 steps, judge {held_out:.1%} on held-out real "
+          "images\n")
+    print("| guidance | prompt accuracy | worst class | variety vs real (pixels / features) "
+          "| nearest-real vs real NN (pixels / features) | copies (pixels / features) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['worst_class']:.1%} | {r['variety']:.2f}x "
-              f"| {r['nearest_real']:.2f}x | {r['copies']:.1%} |")
+        print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['worst_class']:.1%} "
+              f"| {r['variety_pixels']:.2f}x / {r['variety_features']:.2f}x "
+              f"| {r['nearest_pixels']:.2f}x / {r['nearest_features']:.2f}x "
+              f"| {r['copies_pixels']:.1%} / {r['copies_features']:.1%} |")
 
 
 def main(argv=None):
@@ -318,8 +347,8 @@ def main(argv=None):
     if folder is None:
         sources = sample.read_json(os.path.join(args.run, "config.json"))["recipe"]["data"]
         if len(sources) != 1:
-            parser.exit(2, f"standin.py: {args.run}/config.json: expected one --data folder, got {sources}; "
-                           "give --data\n")
+            parser.exit(2, f"standin.py: {args.run}/config.json: expected one --data folder, got "
+                           f"{sources}; give --data\n")
         folder = sources[0]
     evaluate(args.run, folder, args.n, args.guidance, args.seed)
 
