@@ -1,0 +1,103 @@
+"""MeanFlow distillation (train.py --distill-from): the identity's JVP against finite differences, the target
+at r = t, exact resumption, and a tiny student that draws its captions in 4 jumps."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import model
+import sample
+import train
+from conftest import SMALL_RUN
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_distillation_resumes_exactly(tmp_path):
+    """A student's 4 steps, then 4 more from its checkpoint, equal 8 uninterrupted ones, bit for bit: the
+    teacher is reloaded on resume and every draw (t, r, w, noise) is a function of the step."""
+    teacher, straight, split = (str(tmp_path / n) for n in ("teacher", "straight", "split"))
+    train.main(SMALL_RUN + ["--out", teacher, "--steps", "2"])
+    student = SMALL_RUN + ["--distill-from", teacher, "--sample-every", "0"]
+    train.main(student + ["--out", straight, "--steps", "8", "--ckpt-every", "8"])
+    train.main(student + ["--out", split, "--steps", "4", "--ckpt-every", "4"])
+    train.main(student + ["--out", split, "--steps", "8", "--ckpt-every", "4"])
+    a, b = read_log(straight), read_log(split)
+    assert [m["step"] for m in b if "loss" in m] == list(range(1, 9))
+    assert [m["loss"] for m in a if "loss" in m] == [m["loss"] for m in b if "loss" in m]
+    for name in train.ARRAYS:
+        x = model.read_safetensors(os.path.join(straight, "checkpoints", "step_00000008", f"{name}.safetensors"))
+        y = model.read_safetensors(os.path.join(split, "checkpoints", "step_00000008", f"{name}.safetensors"))
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert any(k.startswith("mf_embedder.") for k in x)
+
+
+CFG = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1, txt_preamble_depth=1,
+                        num_heads=2, head_dim=16, pca_channels=8, mean_flow=True)
+
+
+def small_problem(seed=0):
+    """A random student and teacher (the student's token MLP made non-zero, so that h and w matter), a batch
+    of 3 with one jump of each kind: from noise, in the middle, and none (r = t)."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    student = model.init_mmjit(keys[0], CFG)
+    student["mf_embedder"]["fc2"]["weight"] = 0.2 * jax.random.normal(keys[1], (2, 32, 32))
+    teacher = model.init_mmjit(keys[2], CFG.__class__(**{**CFG.__dict__, "mean_flow": False}))
+    teacher["final_layer"]["linear"]["weight"] = 0.1 * jax.random.normal(keys[3], (32, 48))  # not all zero
+    student["final_layer"]["linear"]["weight"] = 0.1 * jax.random.normal(keys[3], (32, 48))
+    images = jax.random.uniform(keys[4], (3, 8, 8, 3), minval=-1, maxval=1)
+    noise = 2.0 * jax.random.normal(keys[5], (3, 8, 8, 3))
+    context = jax.random.normal(keys[1], (3, 5, 16))
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    t, s, w = jnp.array([0.0, 0.3, 0.6]), jnp.array([0.5, 0.8, 0.6]), jnp.array([1.0, 3.0, 5.0])
+    return student, teacher, images, context, mask, t, s, w, noise
+
+
+def teacher_velocity(teacher, images, context, mask, t, w, noise):
+    """The teacher's guided velocity at x_t, written out: v = (x0_g - x_t) / (1 - t), x0_g = uncond + w (cond -
+    uncond), the unconditional branch an all-zero mask."""
+    t4, w4 = t[:, None, None, None], w[:, None, None, None]
+    x_t = t4 * images + (1 - t4) * noise
+    cond = model.mmjit_apply(teacher, CFG, x_t, context, mask)
+    uncond = model.mmjit_apply(teacher, CFG, x_t, context, jnp.zeros_like(mask))
+    return x_t, (uncond + w4 * (cond - uncond) - x_t) / (1 - t4)
+
+
+def test_jump_target_is_the_flow_derivative_by_finite_differences():
+    """target - v = (r - t) du/dt, du/dt the derivative of the student's u(x, t, r) along the teacher's
+    guided path (x moving at v) with r fixed: the JVP's tangents (v, 1, and -1 for h = r - t), checked by
+    central differences of u itself. In float32 with step 1e-3 the differences carry rounding of ~1e-3 of
+    du/dt's scale (measured: 1.5e-3 at most); the tolerance, 1e-2 of it, is far below what a wrong tangent
+    (a sign, a missing term) changes: a good part of the scale."""
+    student, teacher, images, context, mask, t, s, w, noise = small_problem()
+    u, target = train.mean_flow_target(student, teacher, CFG, images, context, mask, t, s, w, noise, 0.01,
+                                       jnp.float32)
+    x_t, v = teacher_velocity(teacher, images, context, mask, t, w, noise)
+    txt = model.text_adapter(student, CFG, context, mask)
+
+    def u_at(x, t):
+        x0 = model.mean_flow_apply(student, CFG, x, txt, s - t, w)
+        return (x0 - x) / (1 - t)[:, None, None, None]
+
+    np.testing.assert_allclose(u, u_at(x_t, t), atol=1e-5)
+    eps = 1e-3
+    du_dt = (u_at(x_t + eps * v, t + eps) - u_at(x_t - eps * v, t - eps)) / (2 * eps)  # [3, 8, 8, 3]
+    jump = (s - t)[:2, None, None, None]
+    scale = float(jnp.abs(du_dt[:2]).max())
+    np.testing.assert_allclose((target - v)[:2] / jump, du_dt[:2], atol=1e-2 * scale)
+    assert scale > 0.1  # a derivative worth checking
+
+
+def test_no_jump_target_is_the_teachers_guided_velocity():
+    """At r = t the target is the teacher's guided velocity whatever the student: guidance distillation."""
+    student, teacher, images, context, mask, t, s, w, noise = small_problem()
+    _, target = train.mean_flow_target(student, teacher, CFG, images, context, mask, t, s, w, noise, 0.01,
+                                       jnp.float32)
+    _, v = teacher_velocity(teacher, images, context, mask, t, w, noise)
+    np.testing.assert_allclose(target[2], v[2], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(target[:2], v[:2], atol=1e-2)  # where it jumps, it is not
