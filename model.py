@@ -33,7 +33,7 @@ class MMJiTConfig:
     head_dim: int = 64
     mlp_ratio: float = 8 / 3
     pca_channels: int = 32  # bottleneck width of the patch embedding
-    mean_flow: bool = False  # a MeanFlow student: takes its jump length h and guidance w (mean_flow_apply)
+    mean_flow: bool = False  # a MeanFlow student: it takes a jump length and a guidance scale
 
     @property
     def mlp_hidden(self):
@@ -308,7 +308,7 @@ def init_mmjit(key, cfg):
         "final_layer": {"norm_final": ones(D), "linear": {"weight": ((D, P * P * C), 0.0), "bias": ((P * P * C,), 0.0)}},
     }, functools.partial(jax.random.uniform, minval=-1.0, maxval=1.0))
     params |= {"mask_token": 0.02 * jax.random.normal(jax.random.fold_in(key, 1), (cfg.txt_dim,))}
-    if cfg.mean_flow:  # the last layer zero: a new student's extra tokens are constants, its inputs felt later
+    if cfg.mean_flow:  # last layer zero: a new student's tokens are constants, its inputs learnt
         params["mf_embedder"] = draw(jax.random.fold_in(key, 2), {
             "fc1": {"weight": ((2, MF_FEATURES, D), MF_FEATURES**-0.5), "bias": ((2, D), 0.0)},
             "fc2": {"weight": ((2, D, D), 0.0), "bias": ((2, D), 0.0)}},
@@ -316,27 +316,30 @@ def init_mmjit(key, cfg):
     return params
 
 
-# ------------------------------------------------------------------------------------ MeanFlow student
+# ------------------------------------------------------------------------------- MeanFlow student
 
 
 MF_FEATURES = 256  # sinusoid channels of each scalar input
 
 
 def mean_flow_tokens(p, h, w, dtype=jnp.float32):
-    """The student's inputs, jump length h [B] and guidance scale w [B], as two tokens [B, 2, D]: each a
-    sinusoid embedding of the scalar through its own two-layer MLP. Frequencies 1 to 100 radians per unit,
-    not DiT's 1000: the MeanFlow target differentiates the student in h, and a fast sinusoid would make that
-    derivative large and rough."""
+    """The student's inputs, jump length h [B] and guidance scale w [B], as two tokens [B, 2, D]:
+    each a sinusoid embedding of the scalar through its own two-layer MLP. Frequencies 1 to 100
+    radians per unit, not DiT's 1000: the MeanFlow target differentiates the student in h, and a
+    fast sinusoid makes that derivative large and rough."""
     freqs = 100.0 ** (np.arange(MF_FEATURES // 2) / (MF_FEATURES // 2 - 1))
     angles = jnp.stack([h, w], 1)[..., None] * freqs  # [B, 2, F/2]
     x = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1).astype(dtype)  # [B, 2, F]
-    x = jax.nn.silu(jnp.einsum("bkf,kfd->bkd", x, p["fc1"]["weight"].astype(dtype)) + p["fc1"]["bias"].astype(dtype))
-    return jnp.einsum("bkd,kde->bke", x, p["fc2"]["weight"].astype(dtype)) + p["fc2"]["bias"].astype(dtype)
+    for name, act in (("fc1", jax.nn.silu), ("fc2", lambda y: y)):  # per token k: its own weights
+        w_k, b_k = p[name]["weight"].astype(dtype), p[name]["bias"].astype(dtype)
+        x = act(jnp.einsum("bki,kio->bko", x, w_k) + b_k)
+    return x
 
 
 def mean_flow_apply(params, cfg, x, txt, h, w, dtype=jnp.float32, remat=False):
-    """A student's x0 [B, H, W, C] for a jump of length h [B] at guidance w [B] from the noisy image x: its
-    two input tokens join the adapted text tokens txt [B, L, D] in the double blocks."""
+    """A student's x0 [B, H, W, C] for a jump of length h [B] at guidance w [B] from the noisy
+    image x: its two input tokens join the adapted text tokens txt [B, L, D] in the double
+    blocks."""
     tokens = mean_flow_tokens(params["mf_embedder"], h, w, dtype)
     return denoise(params, cfg, x, jnp.concatenate([txt, tokens], 1), dtype, remat)
 
@@ -616,7 +619,8 @@ def save_diffusers_mmjit(path, cfg, params, prompt_length, extra_config=None):
     folder = os.path.join(path, "transformer")
     os.makedirs(folder, exist_ok=True)
     names = DIFFUSERS_CONFIG_NAMES
-    config = {names.get(k, k): v for k, v in dataclasses.asdict(cfg).items() if k != "mean_flow" or v}
+    config = {names.get(k, k): v for k, v in dataclasses.asdict(cfg).items()
+              if k != "mean_flow" or v}  # said by students only: released configs unchanged
     config |= {"txt_hidden_size": cfg.hidden_size, "prompt_length": prompt_length} | (extra_config or {})
     dims = {"D": cfg.hidden_size, "Dt": cfg.txt_dim}
     flat = {k: to_torch_layout(k, np.asarray(v, np.float32)) for k, v in flatten(params).items()}

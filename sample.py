@@ -124,14 +124,15 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "dtype"))
 def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, dtype=jnp.float32):
-    """A MeanFlow student's images from noise in `steps` jumps of the uniform grid, one network pass each, no
-    unconditional branch: the guidance scale is the student's input w. A jump from t to s lands on
-    x_t + (s - t) u with u = (x0_hat - x_t) / (1 - t), the first-order step of dpm_solver_2m."""
+    """A MeanFlow student's images from noise in `steps` jumps of the uniform grid, one network
+    pass each, no unconditional branch: the guidance scale is the student's input w. A jump from t
+    to s lands on x_t + (s - t) u, u = (x0_hat - x_t) / (1 - t): dpm_solver_2m's first order."""
     txt = model.text_adapter(params, cfg, context, mask, dtype)
     ts, w = time_grid(steps), jnp.full(noise.shape[:1], guidance)
 
     def jump(i, x):
-        x0_hat = model.mean_flow_apply(params, cfg, x, txt, jnp.full_like(w, ts[i + 1] - ts[i]), w, dtype)
+        h = jnp.full_like(w, ts[i + 1] - ts[i])
+        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype)
         ratio = (1.0 - ts[i + 1]) / (1.0 - ts[i])
         return ratio * x + (1.0 - ratio) * x0_hat
 
@@ -279,8 +280,9 @@ def main(argv=None):
                         help="ODE solver: dpm++2m (DPM-Solver++(2M), second order, one network batch a step), "
                              "euler (the reference's) or heun (two batches a step) (default dpm++2m)")
     parser.add_argument("--steps", type=int,
-                        help="solver steps, one network batch each (two for heun) (default 20; the reference "
-                             "used euler with 100); a MeanFlow student's jumps, one pass each (default 4)")
+                        help="solver steps, one network batch each (two for heun) (default 20; the "
+                             "reference used euler with 100); a MeanFlow student's jumps "
+                             "(default 4)")
     parser.add_argument("--time-shift", type=float, default=1.0, metavar="S",
                         help="time grid t -> t / (t + S (1 - t)) of a uniform one (SD3's shift): S < 1 puts more "
                              "steps near the data, S > 1 near the noise (default 1: uniform)")
@@ -315,8 +317,8 @@ def main(argv=None):
             fail(f"--prompts-file: {e}")
     if not prompts:
         fail("no prompts: give --prompt or --prompts-file")
-    for flag, value in (("--steps", args.steps or 1), ("--n", args.n), ("--batch-size", args.batch_size)):
-        if value < 1:
+    for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
+        if value is not None and value < 1:  # no --steps: the model's default
             fail(f"{flag} must be at least 1, got {value}")
     if args.guidance is not None and args.guidance < 0:
         fail(f"--guidance must be >= 0, got {args.guidance}")
@@ -338,7 +340,8 @@ def main(argv=None):
     for flag, value in (("--height", shape[0]), ("--width", shape[1])):
         if value < 1 or value % cfg.patch_size:
             fail(f"{flag} must be a positive multiple of the model's patch size {cfg.patch_size}, got {value}")
-    args.steps = args.steps or (4 if cfg.mean_flow else 20)
+    if args.steps is None:
+        args.steps = 4 if cfg.mean_flow else 20
     text_length, guidance = settings["text_length"], settings["guidance"] if args.guidance is None else args.guidance
     for i, prompt in enumerate(prompts):  # a prompt the model cannot read in full is said, not silently changed
         c, quoted = tokenizer.coverage([prompt], text_length), repr(prompt if len(prompt) < 60 else prompt[:57] + "...")
@@ -364,7 +367,8 @@ def main(argv=None):
         noise = initial_noise(keys, shape, settings["noise_scale"])
         context = encode_text(t5params, t5cfg, ids, mask)
         if cfg.mean_flow:  # a student: --guidance is its input w; no sampler, interval or shift
-            images = mean_flow_sample(params, cfg, context, mask, noise, steps=args.steps, guidance=guidance)
+            images = mean_flow_sample(params, cfg, context, mask, noise, steps=args.steps,
+                                      guidance=guidance)
         else:
             images = sample(params, cfg, context, mask, noise, steps=args.steps, guidance=guidance,
                             sampler=args.sampler, guidance_interval=tuple(args.guidance_interval),

@@ -75,11 +75,13 @@ class Recipe:
     ckpt_every: int = field(240, "steps between checkpoints (one is also written at the end and on a stop)")
     keep: int = field(3, "checkpoints kept")
     init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
-    distill_from: str = field("", "distil a train.py run or checkpoint (its EMA, frozen) into a few-step MeanFlow "
-                                  "student that starts from it; the other defaults become DISTILL's")
-    r_equals_t: float = field(0.5, "distillation: share of examples with no jump (r = t): guidance distillation")
-    w_min: float = field(1.0, "distillation: the guidance scale w the student learns is drawn per example, "
-                              "uniformly in [w_min, w_max]")
+    distill_from: str = field("", "distil a train.py run or checkpoint (its EMA, frozen) into a "
+                                  "few-step MeanFlow student that starts from it; the defaults "
+                                  "become DISTILL's")
+    r_equals_t: float = field(0.5, "distillation: share of examples with no jump (r = t): guidance "
+                                   "distillation")
+    w_min: float = field(1.0, "distillation: the guidance scale w the student learns is drawn per "
+                              "example, uniformly in [w_min, w_max]")
     w_max: float = field(5.0, "distillation: see --w-min")
 
 
@@ -155,10 +157,11 @@ def train_step(state, t5_params, batch, *, cfg, t5cfg, r, update=None):
     """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
     dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
     denoiser_step. A batch's "stop" flags (a process asked to stop sets its examples') come back as one global
-    maximum, so that every process takes the same decision at the same step. update: the distillation's
-    mean_flow_step in place of denoiser_step."""
+    maximum, so that every process takes the same decision at the same step. update: the
+    distillation's mean_flow_step in place of denoiser_step."""
     context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
-    state, metrics = (update or denoiser_step)(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
+    update = update or denoiser_step
+    state, metrics = update(state, batch["images"], context, batch["mask"], cfg=cfg, r=r)
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
 
@@ -197,25 +200,29 @@ def accumulated_grads(loss_fn, params, batch, n):
     return jax.tree.map(lambda x: x / n, total)  # equal sizes: the mean of the means is the batch mean
 
 
-# ------------------------------------------------------------------------------------------ distillation
+# ------------------------------------------------------------------------------------ distillation
 
 
-# A student's defaults under the preset's (the flags still override them). Measured on the tiny run: see README.
-DISTILL = dict(steps=120, lr=3e-4, warmup=10, ema=0.99, sample_every=60, sample_steps=4, ckpt_every=60)
+# A student's defaults over its preset's (flags still override them): measured on the tiny run; for
+# the paper presets, the length of the authors' branch (50K steps at batch 1024, with Muon there).
+DISTILL = {"tiny": dict(steps=100, lr=5e-4, warmup=10, ema=0.99, sample_every=50, sample_steps=4,
+                        ckpt_every=50),
+           "paper": dict(steps=50_000, warmup=1000, sample_steps=4)}
 
 
-def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype, remat=False):
-    """The student's average velocity u and its MeanFlow target, [B, H, W, C] each, for a jump from t to s >= t
-    (the papers' r) at guidance w (t, s, w: [B]).
+def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype,
+                     remat=False):
+    """The student's average velocity u and its MeanFlow target, [B, H, W, C] each, for a jump
+    from t to s >= t (the papers' r) at guidance w (t, s, w: [B]).
 
-    In this code's time (t = 1 data, t = 0 noise, sampling runs t upward) a student's jump is
-    x_s = x_t + (s - t) u(x_t, t, s), u the average velocity over [t, s]: (s - t) u = integral_t^s v dtau.
+    In this code's time (t = 1 data, t = 0 noise, sampling runs t upward) a jump lands on
+    x_s = x_t + (s - t) u(x_t, t, s), u the average velocity: (s - t) u = integral_t^s v dtau.
     Differentiating in t at fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so
-        u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, the student's input),
-    one jax.jvp through the student with tangents (v, 1, -1). (The papers, t = 0 data and r < t, write
-    u = v - (t - r) du/dt.) v is the frozen teacher's guided velocity at x_t; the target is held fixed
-    (stop-gradient). At s = t it is v itself: guidance distillation. u comes from the student's x0 as the
-    teacher's v from its x0 (sample.velocity), so a student with h = 0 is a guided teacher."""
+        u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input):
+    one jax.jvp through the student with tangents (v, 1, -1). (The papers, t = 0 data and r < t,
+    write u = v - (t - r) du/dt.) v is the frozen teacher's guided velocity at x_t; the target is
+    held fixed (stop-gradient); at s = t it is v itself: guidance distillation. u comes from the
+    student's x0 as v from the teacher's (sample.velocity): at h = 0 it is a guided teacher."""
     expand = lambda a: a[:, None, None, None]
     x_t = expand(t) * images + expand(1 - t) * noise
     guided = sample.guided_denoiser(teacher, cfg, context, mask, expand(w), (0.0, 1.0), dtype)
@@ -223,31 +230,34 @@ def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise
     txt = model.text_adapter(params, cfg, context, mask, dtype, remat)
 
     def u_fn(x, t, h):
-        return sample.velocity(model.mean_flow_apply(params, cfg, x, txt, h, w, dtype, remat), x, expand(t), a_min)
+        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype, remat)
+        return sample.velocity(x0_hat, x, expand(t), a_min)
 
     u, du_dt = jax.jvp(u_fn, (x_t, t, s - t), (v, jnp.ones_like(t), -jnp.ones_like(t)))
     return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
 
 
-def mean_flow_loss(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype, remat=False):
-    """MeanFlow's adaptively weighted loss (power 1): each example's squared error over its own, held fixed,
-    so that the rare large errors of long jumps do not swamp the batch. Its value stays near 1 whatever the
-    samples' quality: judge the grids' faithfulness instead."""
-    u, target = mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype, remat)
+def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
+    """MeanFlow's adaptively weighted loss (power 1): each example's squared error over its own,
+    held fixed, so that the rare large errors of long jumps do not swamp the batch. Its value stays
+    near 1 whatever the samples' quality: judge the grids' faithfulness instead."""
+    u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
     err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))  # [B]
     return jnp.mean(err / jax.lax.stop_gradient(err + 1e-3))
 
 
 def mean_flow_step(state, images, context, mask, *, teacher, cfg, r):
     """denoiser_step's counterpart for a student: no caption drop (the teacher's guidance brings the
-    unconditional branch); (t, s) two sorted uniform times, s = t for a share r_equals_t; w per example."""
+    unconditional branch); (t, s) two sorted uniform times, s = t for a share r_equals_t; w uniform
+    in [w_min, w_max], per example."""
     B = images.shape[0]
-    k_t, k_same, k_w, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), state["step"]), 4)
-    t, s = jnp.sort(jax.random.uniform(k_t, (2, B)), axis=0)
-    s = jnp.where(jax.random.uniform(k_same, (B,)) < r.r_equals_t, t, s)
-    w = jax.random.uniform(k_w, (B,), minval=r.w_min, maxval=r.w_max)
-    noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
-    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
+    keys = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), state["step"]), 4)
+    t, s = jnp.sort(jax.random.uniform(keys[0], (2, B)), axis=0)
+    s = jnp.where(jax.random.uniform(keys[1], (B,)) < r.r_equals_t, t, s)
+    w = jax.random.uniform(keys[2], (B,), minval=r.w_min, maxval=r.w_max)
+    noise = r.noise_scale * jax.random.normal(keys[3], images.shape)
+    loss_fn = functools.partial(mean_flow_loss, teacher=teacher, cfg=cfg, a_min=r.a_min,
+                                dtype=jnp.dtype(r.precision), remat=r.remat)
     return descend(state, loss_fn, (images, context, mask, t, s, w, noise), r)
 
 
@@ -285,7 +295,8 @@ def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    step = jax.jit(functools.partial(distill_step if r.distill_from else train_step, cfg=cfg, t5cfg=t5cfg, r=r),
+    step_fn = distill_step if r.distill_from else train_step
+    step = jax.jit(functools.partial(step_fn, cfg=cfg, t5cfg=t5cfg, r=r),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding
@@ -458,8 +469,10 @@ def parse_args(argv):
         raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
     base = RECIPES[args.preset]
-    base = dataclasses.replace(base, **DISTILL) if overrides.get("distill_from") else base
-    r = dataclasses.replace(base, **{k: tuple(v) if k == "data" else v for k, v in overrides.items()})
+    if overrides.get("distill_from"):
+        base = dataclasses.replace(base, **DISTILL["tiny" if args.preset == "tiny" else "paper"])
+    r = dataclasses.replace(base, **{k: tuple(v) if k == "data" else v
+                                     for k, v in overrides.items()})
     if r.model not in model.PRESETS:
         raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
     args.fit_text_length = not r.t5 and "text_length" not in overrides
@@ -488,8 +501,8 @@ def check_recipe(r, cfg):
              ("caption_drop", 0 <= r.caption_drop < 1, "in [0, 1)"), ("noise_scale", r.noise_scale > 0, "positive"),
              ("a_min", 0 < r.a_min < 1, "in (0, 1)"), ("t_sigma", r.t_sigma > 0, "positive"),
              ("clip", r.clip >= 0, "0 (off) or more"), ("guidance", r.guidance >= 0, "0 or more"),
-             ("r_equals_t", 0 <= r.r_equals_t <= 1, "in [0, 1]"), ("w_max", r.w_max >= r.w_min >= 0,
-                                                                          f"at least --w-min {r.w_min} >= 0"),
+             ("r_equals_t", 0 <= r.r_equals_t <= 1, "in [0, 1]"),
+             ("w_max", r.w_max >= r.w_min >= 0, f"at least --w-min {r.w_min}, itself >= 0"),
              ("precision", r.precision in ("float32", "bfloat16"), "float32 or bfloat16"),
              ("grad_accum", r.grad_accum >= 1 and r.batch_size // n % r.grad_accum == 0,
               f"a divisor of the per-device batch ({r.batch_size} over {n} devices = {r.batch_size // n})")]
@@ -534,7 +547,8 @@ def prepare_run(run, r, fit_text_length):
     checks pass, and a new run is built in RUN.partial and renamed into place: an interrupt at any moment
     leaves nothing or a run that resumes. Returns the model config, the recipe with its text length, the text
     encoder, the captions read, whether they are all of them, and the weights to fine-tune from."""
-    cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size, mean_flow=bool(r.distill_from))
+    cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size,
+                              mean_flow=bool(r.distill_from))
     check_recipe(r, cfg)
     captions, complete = checked("", data.read_captions, list(r.data), r.seed)  # its errors name the --data
     resume = os.path.isfile(os.path.join(run, "config.json"))
@@ -638,8 +652,8 @@ def main(argv=None):
         state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
     except FileNotFoundError:  # a new run
         state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(rng(r.seed, "init"))
-        if init is not None:  # the EMA its own copy: the step donates both; a student keeps its new tokens
-            init = state["params"] | init
+        if init is not None:  # the EMA its own copy: the step donates both
+            init = state["params"] | init  # a student: its new tokens' weights kept
             state = jax.device_put(state | {"params": init, "ema": jax.tree.map(jnp.copy, init)}, shardings)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot resume from {ckpt}: {e}") from None
@@ -750,9 +764,10 @@ def save_grid(run, done, params, cfg, grid, r):
     score = None
     for h, w in grid["shapes"]:
         noise = sample.initial_noise(grid["keys"], (h, w), r.noise_scale)
-        sampler = sample.mean_flow_sample if cfg.mean_flow else functools.partial(sample.sample, sampler="dpm++2m")
-        images = np.asarray(sampler(params, cfg, grid["context"], grid["mask"], noise, steps=r.sample_steps,
-                                    guidance=r.guidance))
+        sampler = sample.mean_flow_sample if cfg.mean_flow else \
+            functools.partial(sample.sample, sampler="dpm++2m")
+        images = np.asarray(sampler(params, cfg, grid["context"], grid["mask"], noise,
+                                    steps=r.sample_steps, guidance=r.guidance))
         name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
         if jax.process_index() == 0:
             sample.make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS]).save(
