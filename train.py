@@ -256,8 +256,8 @@ def mean_flow_step(state, images, context, mask, *, teacher, cfg, r):
     s = jnp.where(jax.random.uniform(keys[1], (B,)) < r.r_equals_t, t, s)
     w = jax.random.uniform(keys[2], (B,), minval=r.w_min, maxval=r.w_max)
     noise = r.noise_scale * jax.random.normal(keys[3], images.shape)
-    loss_fn = functools.partial(mean_flow_loss, teacher=teacher, cfg=cfg, a_min=r.a_min,
-                                dtype=jnp.dtype(r.precision), remat=r.remat)
+    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, *batch, a_min=r.a_min,
+                                               dtype=jnp.dtype(r.precision), remat=r.remat)
     return descend(state, loss_fn, (images, context, mask, t, s, w, noise), r)
 
 

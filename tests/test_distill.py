@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 import data
 import model
@@ -23,7 +24,8 @@ def read_log(run):
 
 def test_distillation_resumes_exactly(tmp_path):
     """A student's 4 steps, then 4 more from its checkpoint, equal 8 uninterrupted ones, bit for
-    bit: the teacher is reloaded on resume and every draw (t, r, w, noise) is the step's."""
+    bit: the teacher is reloaded on resume and every draw (t, r, w, noise) is the step's. Then the
+    student's export to the Diffusers layout."""
     teacher, straight, split = (str(tmp_path / n) for n in ("teacher", "straight", "split"))
     train.main(SMALL_RUN + ["--out", teacher, "--steps", "2"])
     student = SMALL_RUN + ["--distill-from", teacher, "--sample-every", "0"]
@@ -39,6 +41,19 @@ def test_distillation_resumes_exactly(tmp_path):
         x, y = last(straight, name), last(split, name)
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
     assert any(k.startswith("mf_embedder.") for k in x)
+
+    # Exported, the student says what it is and samples as its run does: 4 jumps by default, or 1.
+    export = str(tmp_path / "export")
+    sample.main(["--ckpt", straight, "--export-diffusers", export])
+    assert sample.read_json(os.path.join(export, "transformer", "config.json"))["mean_flow"] is True
+    pngs = {}
+    for ckpt, steps in [(straight, []), (export, []), (export, ["--steps", "1"])]:
+        out = str(tmp_path / f"grid{len(pngs)}.png")
+        sample.main(["--ckpt", ckpt, "--prompt", "a red circle", "--n", "2", "--guidance", "3",
+                     "--out", out, *steps])
+        pngs[len(pngs)] = np.asarray(Image.open(out))
+    np.testing.assert_array_equal(pngs[0], pngs[1])
+    assert not np.array_equal(pngs[1], pngs[2])
 
 
 CFG = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
