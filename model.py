@@ -33,6 +33,7 @@ class MMJiTConfig:
     head_dim: int = 64
     mlp_ratio: float = 8 / 3
     pca_channels: int = 32  # bottleneck width of the patch embedding
+    mean_flow: bool = False  # a MeanFlow student: it takes a jump length and a guidance scale
 
     @property
     def mlp_hidden(self):
@@ -296,7 +297,7 @@ def init_mmjit(key, cfg):
 
     qk_norms = lambda: {"q_norm": ones(cfg.head_dim), "k_norm": ones(cfg.head_dim)}
     P, C, pca = cfg.patch_size, cfg.in_channels, cfg.pca_channels
-    k_blocks, k_mask = jax.random.split(key)  # a key is split or drawn from, never both
+    k_blocks, k_mask, *k_mf = jax.random.split(key, 3 if cfg.mean_flow else 2)  # split or drawn from, never both
     params = draw_blocks(k_blocks, {
         "txt_embedder": dense(cfg.txt_dim, D, bias=False),
         "img_embedder": {
@@ -307,7 +308,41 @@ def init_mmjit(key, cfg):
         "double_blocks": [stream("txt_") | stream("img_") | qk_norms() for _ in range(cfg.depth)],
         "final_layer": {"norm_final": ones(D), "linear": {"weight": ((D, P * P * C), 0.0), "bias": ((P * P * C,), 0.0)}},
     }, functools.partial(jax.random.uniform, minval=-1.0, maxval=1.0))
-    return params | {"mask_token": 0.02 * jax.random.normal(k_mask, (cfg.txt_dim,))}
+    params |= {"mask_token": 0.02 * jax.random.normal(k_mask, (cfg.txt_dim,))}
+    if cfg.mean_flow:  # last layer zero: a new student's tokens are constants, its inputs learnt
+        params["mf_embedder"] = draw(k_mf[0], {
+            "fc1": {"weight": ((2, MF_FEATURES, D), MF_FEATURES**-0.5), "bias": ((2, D), 0.0)},
+            "fc2": {"weight": ((2, D, D), 0.0), "bias": ((2, D), 0.0)}},
+            functools.partial(jax.random.uniform, minval=-1.0, maxval=1.0))
+    return params
+
+
+# ------------------------------------------------------------------------------- MeanFlow student
+
+
+MF_FEATURES = 256  # sinusoid channels of each scalar input
+
+
+def mean_flow_tokens(p, h, w, dtype=jnp.float32):
+    """The student's inputs, jump length h [B] and guidance scale w [B], as two tokens [B, 2, D]:
+    each a sinusoid embedding of the scalar through its own two-layer MLP. Frequencies 1 to 100
+    radians per unit, not DiT's 1000: the MeanFlow target differentiates the student in h, and a
+    fast sinusoid makes that derivative large and rough."""
+    freqs = 100.0 ** (np.arange(MF_FEATURES // 2) / (MF_FEATURES // 2 - 1))
+    angles = jnp.stack([h, w], 1)[..., None] * freqs  # [B, 2, F/2]
+    x = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1).astype(dtype)  # [B, 2, F]
+    for name, act in (("fc1", jax.nn.silu), ("fc2", lambda y: y)):  # per token k: its own weights
+        w_k, b_k = p[name]["weight"].astype(dtype), p[name]["bias"].astype(dtype)
+        x = act(jnp.einsum("bki,kio->bko", x, w_k) + b_k)
+    return x
+
+
+def mean_flow_apply(params, cfg, x, txt, h, w, dtype=jnp.float32, remat=False):
+    """A student's x0 [B, H, W, C] for a jump of length h [B] at guidance w [B] from the noisy
+    image x: its two input tokens join the adapted text tokens txt [B, L, D] in the double
+    blocks."""
+    tokens = mean_flow_tokens(params["mf_embedder"], h, w, dtype)
+    return denoise(params, cfg, x, jnp.concatenate([txt, tokens], 1), dtype, remat)
 
 
 # -------------------------------------------------------------------------------------- FLAN-T5 encoder
@@ -571,7 +606,7 @@ def load_diffusers_mmjit(path):
     """(MMJiTConfig, params) from a released MiniT2I Diffusers `transformer/` folder (or its parent, or the
     safetensors file inside it). Timestep and pooled embedders of that port feed nothing: dropped."""
     folder, stem = diffusers_folder(path)
-    c = read_json(os.path.join(folder, "config.json"))
+    c = {"mean_flow": False} | read_json(os.path.join(folder, "config.json"))  # written for students only
     if c.get("txt_hidden_size", c.get("hidden_size")) != c.get("hidden_size"):
         raise ValueError(f"{folder}/config.json: txt_hidden_size {c['txt_hidden_size']} != hidden_size")
     names = DIFFUSERS_CONFIG_NAMES
@@ -594,7 +629,8 @@ def save_diffusers_mmjit(path, cfg, params, prompt_length, extra_config=None):
     folder = os.path.join(path, "transformer")
     os.makedirs(folder, exist_ok=True)
     names = DIFFUSERS_CONFIG_NAMES
-    config = {names.get(k, k): v for k, v in dataclasses.asdict(cfg).items()}
+    config = {names.get(k, k): v for k, v in dataclasses.asdict(cfg).items()
+              if k != "mean_flow" or v}  # said by students only: released configs unchanged
     config |= {"txt_hidden_size": cfg.hidden_size, "prompt_length": prompt_length} | (extra_config or {})
     dims = {"D": cfg.hidden_size, "Dt": cfg.txt_dim}
     flat = {k: to_torch_layout(k, np.asarray(v, np.float32)) for k, v in flatten(params).items()}

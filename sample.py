@@ -128,6 +128,23 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
     return solve(denoise, noise, ts, scales, dpm_2m_weights(ts, scales))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "dtype"))
+def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, dtype=jnp.float32):
+    """A MeanFlow student's images from noise in `steps` jumps of the uniform grid, one network
+    pass each, no unconditional branch: the guidance scale is the student's input w. A jump from t
+    to s lands on x_t + (s - t) u, u = (x0_hat - x_t) / (1 - t): dpm_solver_2m's first order."""
+    txt = model.text_adapter(params, cfg, context, mask, dtype)
+    ts, w = time_grid(steps), jnp.full(noise.shape[:1], guidance)
+
+    def jump(i, x):
+        h = jnp.full_like(w, ts[i + 1] - ts[i])
+        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype)
+        ratio = (1.0 - ts[i + 1]) / (1.0 - ts[i])
+        return ratio * x + (1.0 - ratio) * x0_hat
+
+    return jax.lax.fori_loop(0, steps, jump, noise)
+
+
 # (params, T5Config, ids, mask) -> [B, L, Dt]
 encode_text = jax.jit(model.t5_encode, static_argnums=1)
 
@@ -335,8 +352,8 @@ def parser():
     add("--sampler", choices=SAMPLERS, default="dpm++2m",
         help="ODE solver: dpm++2m (DPM-Solver++(2M), second order) or euler (the reference's); one "
         "network batch a step either way (default dpm++2m)")
-    add("--steps", type=int, default=20,
-        help="solver steps (default 20; the reference used euler with 100)")
+    add("--steps", type=int, help="solver steps (default 20; the reference used euler with 100); "
+        "a MeanFlow student's jumps (default 4)")
     add("--time-shift", type=float, default=1.0, metavar="S",
         help="time grid t -> t / (t + S (1 - t)) of a uniform one (SD3's shift): S < 1 puts more "
         "steps near the data, S > 1 near the noise (default 1: uniform)")
@@ -381,7 +398,7 @@ def generate(args):
                              if args.prompts_file else [])
     require(prompts, "no prompts: give --prompt or --prompts-file")
     for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
-        require(value >= 1, f"{flag} must be at least 1, got {value}")
+        require(value is None or value >= 1, f"{flag} must be at least 1, got {value}")
     require(args.guidance is None or args.guidance >= 0,
             f"--guidance must be >= 0, got {args.guidance}")
     require(args.time_shift > 0, f"--time-shift must be > 0, got {args.time_shift}")
@@ -396,6 +413,7 @@ def generate(args):
     for flag, value in (("--height", shape[0]), ("--width", shape[1])):
         require(value >= 1 and value % cfg.patch_size == 0, f"{flag} must be a positive multiple "
                 f"of the model's patch size {cfg.patch_size}, got {value}")
+    steps = args.steps or (4 if cfg.mean_flow else 20)  # a student jumps, a teacher solves
     text_length = settings["text_length"]
     guidance = settings["guidance"] if args.guidance is None else args.guidance
     for i, prompt in enumerate(prompts):  # a prompt the model cannot read in full is said
@@ -414,20 +432,24 @@ def generate(args):
 
     items = [(i, j) for i in range(len(prompts)) for j in range(args.n)]
     batch, grid = min(args.batch_size, len(items)), []
-    desc = f"{args.sampler}, {args.steps} steps a batch"
+    desc = f"{args.sampler}, {steps} steps a batch"
     for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)),
                                      text_length)
         keys = [jax.random.key(s) for s in range(args.seed + start, args.seed + start + batch)]
-        images = sample(params, cfg, encode_text(t5params, t5cfg, ids, mask), mask,
-                        initial_noise(keys, shape, settings["noise_scale"]), steps=args.steps,
-                        guidance=guidance, sampler=args.sampler, shift=args.time_shift,
-                        guidance_interval=tuple(args.guidance_interval))
+        noise = initial_noise(keys, shape, settings["noise_scale"])
+        context = encode_text(t5params, t5cfg, ids, mask)
+        if cfg.mean_flow:  # a student: --guidance is its input w; no sampler, interval or shift
+            images = mean_flow_sample(params, cfg, context, mask, noise, steps, guidance)
+        else:
+            images = sample(params, cfg, context, mask, noise, steps=steps, guidance=guidance,
+                            sampler=args.sampler, shift=args.time_shift,
+                            guidance_interval=tuple(args.guidance_interval))
         images = np.asarray(images)[:len(chunk)]
         for k, ((i, j), image) in enumerate(zip(chunk, images) if args.out_dir else []):
             save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image,
-                     {"prompt": prompts[i], "seed": args.seed + start + k, "steps": args.steps,
+                     {"prompt": prompts[i], "seed": args.seed + start + k, "steps": steps,
                       "guidance": guidance, "sampler": args.sampler, "width": shape[1],
                       "height": shape[0]})
         if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing

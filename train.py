@@ -78,6 +78,14 @@ class Recipe:
     ckpt_every: int = field(240, "steps between checkpoints (one is also written at the end and on a stop)")
     keep: int = field(3, "checkpoints kept")
     init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
+    distill_from: str = field("", "distil a train.py run or checkpoint (its EMA, frozen) into a "
+                                  "few-step MeanFlow student that starts from it; the defaults "
+                                  "become DISTILL's")
+    r_equals_t: float = field(0.5, "distillation: share of examples with no jump (r = t): guidance "
+                                   "distillation")
+    w_min: float = field(1.0, "distillation: the guidance scale w the student learns is drawn per "
+                              "example, uniformly in [w_min, w_max]")
+    w_max: float = field(5.0, "distillation: see --w-min")
 
 
 # Fields that may change when a run is resumed: they do not change what the run computes, but for
@@ -171,14 +179,15 @@ def adamw_ema(state, grads, grad_norm, r):
     return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
 
-def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh):
+def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh, update=None):
     """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
     dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
     denoiser_step. A batch's "stop" flags (a process asked to stop sets its examples') come back as one global
-    maximum, so that every process takes the same decision at the same step."""
+    maximum, so that every process takes the same decision at the same step. update: the
+    distillation's mean_flow_step in place of denoiser_step."""
     context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
-    state, metrics = denoiser_step(state, batch["images"], context, batch["mask"], cfg=cfg, r=r,
-                                   mesh=mesh)
+    update = update or denoiser_step
+    state, metrics = update(state, batch["images"], context, batch["mask"], cfg=cfg, r=r, mesh=mesh)
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
 
@@ -188,20 +197,26 @@ T_BUCKETS = 4  # the loss is also told by noise level: t in [0, 1/4), ..., [3/4,
 def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a
     resumed run draws exactly what an uninterrupted one would; it draws for the whole batch, so an
-    example's draws depend on neither --grad-accum nor the device count. Besides the loss: its sum
-    and the number of examples in each t bucket, which the loop adds up between log lines."""
-    params, step, B = state["params"], state["step"], images.shape[0]
+    example's draws depend on neither --grad-accum nor the device count."""
+    step, B = state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
     loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
-    batch = (images, context, mask, t, noise)
+    return descend(state, loss_fn, (images, context, mask, t, noise), t, r, mesh)
+
+
+def descend(state, loss_fn, batch, t, r, mesh):
+    """The update from the gradient of loss_fn(params, *batch)'s mean, and the step's metrics:
+    besides the loss, its sum and the number of examples in each t bucket, which the loop adds up
+    between log lines."""
+    params = state["params"]
     losses, grads = accumulated_grads(loss_fn, params, batch, r.grad_accum,
                                       state_shardings(mesh, params, r.fsdp))
     loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
     bucket = jnp.minimum((t * T_BUCKETS).astype(jnp.int32), T_BUCKETS - 1)  # [B]
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(step),
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(state["step"]),
                "loss_sum_by_t": jnp.zeros(T_BUCKETS).at[bucket].add(losses),
                "count_by_t": jnp.zeros(T_BUCKETS, jnp.int32).at[bucket].add(1)}
     return adamw_ema(state, grads, grad_norm, r), metrics
@@ -240,6 +255,74 @@ def accumulated_grads(loss_fn, params, batch, n, shardings):
                          out_specs=(P("data"), specs))(params, batch)
 
 
+# ------------------------------------------------------------------------------------ distillation
+
+
+# A student's defaults over its preset's (flags still override them): measured on the tiny run; for
+# the paper presets, the length of the authors' branch (50K steps at batch 1024, with Muon there).
+DISTILL = {"tiny": dict(steps=100, lr=5e-4, warmup=10, ema=0.99, sample_every=50, sample_steps=4,
+                        ckpt_every=50),
+           "paper": dict(steps=50_000, warmup=1000, sample_steps=4)}
+
+
+def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype,
+                     remat=False):
+    """The student's average velocity u and its MeanFlow target, [B, H, W, C] each, for a jump
+    from t to s >= t (the papers' r) at guidance w (t, s, w: [B]).
+
+    In this code's time (t = 1 data, t = 0 noise, sampling runs t upward) a jump lands on
+    x_s = x_t + (s - t) u(x_t, t, s), u the average velocity: (s - t) u = integral_t^s v dtau.
+    Differentiating in t at fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so
+        u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input):
+    one jax.jvp through the student with tangents (v, 1, -1). (The papers, t = 0 data and r < t,
+    write u = v - (t - r) du/dt.) v is the frozen teacher's guided velocity at x_t; the target is
+    held fixed (stop-gradient); at s = t it is v itself: guidance distillation. u comes from the
+    student's x0 as v from the teacher's (sample.velocity): at h = 0 it is a guided teacher."""
+    expand = lambda a: a[:, None, None, None]
+    x_t = expand(t) * images + expand(1 - t) * noise
+    guided = sample.guided_denoiser(teacher, cfg, context, mask, expand(w), (0.0, 1.0), dtype)
+    v = sample.velocity(guided(x_t, expand(t)), x_t, expand(t), a_min)
+    txt = model.text_adapter(params, cfg, context, mask, dtype, remat)
+
+    def u_fn(x, t, h):
+        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype, remat)
+        return sample.velocity(x0_hat, x, expand(t), a_min)
+
+    u, du_dt = jax.jvp(u_fn, (x_t, t, s - t), (v, jnp.ones_like(t), -jnp.ones_like(t)))
+    return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
+
+
+def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
+    """MeanFlow's adaptively weighted loss (power 1): each example's squared error over its own,
+    held fixed, so that the rare large errors of long jumps do not swamp the batch. Its value stays
+    near 1 whatever the samples' quality: judge the grids' faithfulness instead."""
+    u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
+    err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))  # [B]
+    return err / jax.lax.stop_gradient(err + 1e-3)  # [B]
+
+
+def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
+    """denoiser_step's counterpart for a student: no caption drop (the teacher's guidance brings the
+    unconditional branch); (t, s) two sorted uniform times, s = t for a share r_equals_t; w uniform
+    in [w_min, w_max], per example."""
+    B = images.shape[0]
+    keys = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), state["step"]), 4)
+    t, s = jnp.sort(jax.random.uniform(keys[0], (2, B)), axis=0)
+    s = jnp.where(jax.random.uniform(keys[1], (B,)) < r.r_equals_t, t, s)
+    w = jax.random.uniform(keys[2], (B,), minval=r.w_min, maxval=r.w_max)
+    noise = r.noise_scale * jax.random.normal(keys[3], images.shape)
+    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, *batch, a_min=r.a_min,
+                                               dtype=jnp.dtype(r.precision), remat=r.remat)
+    return descend(state, loss_fn, (images, context, mask, t, s, w, noise), t, r, mesh)
+
+
+def distill_step(state, frozen, batch, *, cfg, t5cfg, r, mesh):
+    """train_step of a student; frozen: (the T5's parameters, the teacher's)."""
+    t5_params, teacher = frozen
+    update = functools.partial(mean_flow_step, teacher=teacher)
+    return train_step(state, t5_params, batch, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh, update=update)
+
+
 # ---------------------------------------------------------------------------------------------- sharding
 
 
@@ -267,7 +350,8 @@ def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
     shard_state = state_shardings(mesh, state_shapes, r.fsdp)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh),
+    step_fn = distill_step if r.distill_from else train_step
+    step = jax.jit(functools.partial(step_fn, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh),
                    in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding
@@ -489,7 +573,11 @@ def parse_args(argv):
     if args.preset not in RECIPES:
         raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
-    r = dataclasses.replace(RECIPES[args.preset], **{k: tuple(v) if k == "data" else v for k, v in overrides.items()})
+    base = RECIPES[args.preset]
+    if overrides.get("distill_from"):
+        base = dataclasses.replace(base, **DISTILL["tiny" if args.preset == "tiny" else "paper"])
+    r = dataclasses.replace(base, **{k: tuple(v) if k == "data" else v
+                                     for k, v in overrides.items()})
     if r.model not in model.PRESETS:
         raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
     args.fit_text_length = not r.t5 and "text_length" not in overrides
@@ -518,14 +606,17 @@ def check_recipe(r, cfg):
              ("caption_drop", 0 <= r.caption_drop < 1, "in [0, 1)"), ("noise_scale", r.noise_scale > 0, "positive"),
              ("a_min", 0 < r.a_min < 1, "in (0, 1)"), ("t_sigma", r.t_sigma > 0, "positive"),
              ("clip", r.clip >= 0, "0 (off) or more"), ("guidance", r.guidance >= 0, "0 or more"),
+             ("r_equals_t", 0 <= r.r_equals_t <= 1, "in [0, 1]"),
+             ("w_max", r.w_max >= r.w_min >= 0, f"at least --w-min {r.w_min}, itself >= 0"),
              ("precision", r.precision in ("float32", "bfloat16"), "float32 or bfloat16"),
              ("grad_accum", r.grad_accum >= 1 and r.batch_size // n % r.grad_accum == 0,
               f"a divisor of the per-device batch ({r.batch_size} over {n} devices = {r.batch_size // n})")]
     for name, ok, expected in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(r, name)}: expected {expected}")
-    if r.init_from and not os.path.exists(r.init_from):
-        raise UsageError(f"--init-from {r.init_from}: no such file or directory")
+    for flag, path in (("--init-from", r.init_from), ("--distill-from", r.distill_from)):
+        if path and not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file or directory")
 
 
 def check_resume(run, config, r):
@@ -567,7 +658,8 @@ def prepare_run(run, r, fit_text_length):
     checks pass, and a new run is built in RUN.partial and renamed into place: an interrupt at any moment
     leaves nothing or a run that resumes. Returns the model config, the recipe with its text length, the text
     encoder, the captions read, whether they are all of them, and the weights to fine-tune from."""
-    cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size)
+    cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size,
+                              mean_flow=bool(r.distill_from))
     check_recipe(r, cfg)
     captions, complete = checked("", data.read_captions, list(r.data), r.seed)  # its errors name the --data
     resume = os.path.isfile(os.path.join(run, "config.json"))
@@ -577,7 +669,9 @@ def prepare_run(run, r, fit_text_length):
     t5_path = os.path.abspath(r.t5) if r.t5 else os.path.join(folder, "t5")
     if first and not resume:
         shutil.rmtree(folder, ignore_errors=True)  # left by a second Ctrl-C
-        if not r.t5:
+        if r.distill_from and not r.t5:  # the teacher's own: the features it was trained on
+            shutil.copytree(sample.load_denoiser(r.distill_from)[2]["t5"], t5_path)
+        elif not r.t5:
             make_tiny_text_encoder(t5_path, captions, r.seed)
     multihost_utils.sync_global_devices("text encoder ready")
     try:
@@ -590,6 +684,9 @@ def prepare_run(run, r, fit_text_length):
             check_resume(run, config, r)
         init = checked(f"--init-from {r.init_from}: ", load_init_weights, r.init_from, cfg) \
             if r.init_from and not resume else None
+        if r.distill_from:  # the teacher, needed by every run of a student, resumed or not
+            init = checked(f"--distill-from {r.distill_from}: ", load_init_weights, r.distill_from,
+                           dataclasses.replace(cfg, mean_flow=False))
     except UsageError:
         if not resume:
             shutil.rmtree(folder, ignore_errors=True)
@@ -655,14 +752,18 @@ def main(argv=None):
 
     mesh = make_mesh(jax.devices())
     state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
-    step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, t5_params, cfg, t5cfg, r)
-    t5_params = jax.device_put(t5_params, NamedSharding(mesh, P()))
+    frozen = t5_params
+    if r.distill_from:  # the teacher in the compute dtype, its own copy: the step donates init
+        frozen = (t5_params, jax.tree.map(lambda x: jnp.array(x, r.precision), init))
+    step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, frozen, cfg, t5cfg, r)
+    frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
     found = sample.checkpoints(run)  # newest first
     damaged = list(itertools.takewhile(lambda c: c[1], found))  # check_resume refused all damaged
     if len(damaged) == len(found):  # no checkpoint at all: a new run
         data_state = None
         state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(rng(r.seed, "init"))
         if init is not None:  # the EMA its own copy: the step donates both
+            init = state["params"] | init  # a student: its new tokens' weights kept
             state = jax.device_put(state | {"params": init, "ema": jax.tree.map(jnp.copy, init)}, shardings)
     else:
         ckpt = found[len(damaged)][0]
@@ -711,7 +812,7 @@ def main(argv=None):
         for step in bar:
             batch = next(loader)
             batch = device_batch(batch, batch_sharding, features, stop)
-            state, metrics = step_fn(state, t5_params, batch)
+            state, metrics = step_fn(state, frozen, batch)
             done = step + 1
             window.append(metrics)
             if last is not None:  # the previous step's flags: one step behind, not to stall
@@ -871,8 +972,10 @@ def save_grid(run, done, params, cfg, grid, r):
     score = None
     for h, w in grid["shapes"]:
         noise = sample.initial_noise(grid["keys"], (h, w), r.noise_scale)
-        images = np.asarray(sample.sample(params, cfg, grid["context"], grid["mask"], noise, steps=r.sample_steps,
-                                          guidance=r.guidance, sampler="dpm++2m"))
+        sampler = sample.mean_flow_sample if cfg.mean_flow else \
+            functools.partial(sample.sample, sampler="dpm++2m")
+        images = np.asarray(sampler(params, cfg, grid["context"], grid["mask"], noise,
+                                    steps=r.sample_steps, guidance=r.guidance))
         name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
         if jax.process_index() == 0:
             sample.make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS]).save(

@@ -1,0 +1,171 @@
+"""MeanFlow distillation (train.py --distill-from): the identity's JVP against finite differences,
+the target at r = t, exact resumption, and a tiny student that draws its captions in 4 jumps."""
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+import data
+import model
+import sample
+import train
+from conftest import SMALL_RUN
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_distillation_resumes_exactly(tmp_path):
+    """A student's 4 steps, then 4 more from its checkpoint, equal 8 uninterrupted ones, bit for
+    bit: the teacher is reloaded on resume and every draw (t, r, w, noise) is the step's. Then the
+    student's export to the Diffusers layout."""
+    teacher, straight, split = (str(tmp_path / n) for n in ("teacher", "straight", "split"))
+    train.main(SMALL_RUN + ["--out", teacher, "--steps", "2"])
+    student = SMALL_RUN + ["--distill-from", teacher, "--sample-every", "0"]
+    train.main(student + ["--out", straight, "--steps", "8", "--ckpt-every", "8"])
+    train.main(student + ["--out", split, "--steps", "4", "--ckpt-every", "4"])
+    train.main(student + ["--out", split, "--steps", "8", "--ckpt-every", "4"])
+    a, b = read_log(straight), read_log(split)
+    assert [m["step"] for m in b if "loss" in m] == list(range(1, 9))
+    assert [m["loss"] for m in a if "loss" in m] == [m["loss"] for m in b if "loss" in m]
+    last = lambda run, name: model.read_safetensors(
+        os.path.join(run, "checkpoints", "step_00000008", f"{name}.safetensors"))
+    for name in train.ARRAYS:
+        x, y = last(straight, name), last(split, name)
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert any(k.startswith("mf_embedder.") for k in x)
+
+    # Exported, the student says what it is and samples as its run does: 4 jumps by default, or 1.
+    export = str(tmp_path / "export")
+    sample.main(["--ckpt", straight, "--export-diffusers", export])
+    assert sample.read_json(os.path.join(export, "transformer", "config.json"))["mean_flow"] is True
+    pngs = {}
+    for ckpt, steps in [(straight, []), (export, []), (export, ["--steps", "1"])]:
+        out = str(tmp_path / f"grid{len(pngs)}.png")
+        sample.main(["--ckpt", ckpt, "--prompt", "a red circle", "--n", "2", "--guidance", "3",
+                     "--out", out, *steps])
+        pngs[len(pngs)] = np.asarray(Image.open(out))
+    np.testing.assert_array_equal(pngs[0], pngs[1])
+    assert not np.array_equal(pngs[1], pngs[2])
+
+
+CFG = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
+                        txt_preamble_depth=1, num_heads=2, head_dim=16, pca_channels=8,
+                        mean_flow=True)
+
+
+def small_problem():
+    """A random student and teacher (last layers and the student's token MLP made non-zero, so that
+    x, h and w all matter), and a batch of 3 with one jump of each kind: from noise, midway, none"""
+    keys = jax.random.split(jax.random.key(0), 6)
+    student = model.init_mmjit(keys[0], CFG)
+    student["mf_embedder"]["fc2"]["weight"] = 0.2 * jax.random.normal(keys[1], (2, 32, 32))
+    teacher = model.init_mmjit(keys[2], dataclasses.replace(CFG, mean_flow=False))
+    for params in (student, teacher):
+        params["final_layer"]["linear"]["weight"] = 0.1 * jax.random.normal(keys[3], (32, 48))
+    images = jax.random.uniform(keys[4], (3, 8, 8, 3), minval=-1, maxval=1)
+    noise = 2.0 * jax.random.normal(keys[5], (3, 8, 8, 3))
+    context = jax.random.normal(keys[1], (3, 5, 16))
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    t, s, w = jnp.array([0.0, 0.3, 0.6]), jnp.array([0.5, 0.8, 0.6]), jnp.array([1.0, 3.0, 5.0])
+    return student, teacher, (images, context, mask, t, s, w, noise)
+
+
+def teacher_velocity(teacher, images, context, mask, t, s, w, noise):
+    """x_t and the teacher's guided velocity there, written out: v = (x0_g - x_t) / (1 - t) with
+    x0_g = uncond + w (cond - uncond), the unconditional branch an all-zero mask."""
+    t4, w4 = t[:, None, None, None], w[:, None, None, None]
+    x_t = t4 * images + (1 - t4) * noise
+    cond = model.mmjit_apply(teacher, CFG, x_t, context, mask)
+    uncond = model.mmjit_apply(teacher, CFG, x_t, context, jnp.zeros_like(mask))
+    return x_t, (uncond + w4 * (cond - uncond) - x_t) / (1 - t4)
+
+
+def test_jump_target_is_the_flow_derivative_by_finite_differences():
+    """target - v = (r - t) du/dt, du/dt the derivative of the student's u(x, t, r) along the
+    teacher's guided path (x moving at v) with r fixed: the JVP's tangents (v, 1, and -1 for
+    h = r - t), checked by central differences of u itself. In float32 with step 1e-3 the
+    differences carry rounding of ~1e-3 of du/dt's scale (measured: 1.5e-3 at most); the
+    tolerance, 1e-2 of it, is far below what a wrong tangent changes (h's sign flipped: 0.8 of the
+    scale)."""
+    student, teacher, batch = small_problem()
+    images, context, mask, t, s, w, noise = batch
+    u, target = train.mean_flow_target(student, teacher, CFG, *batch, 0.01, jnp.float32)
+    x_t, v = teacher_velocity(teacher, *batch)
+    txt = model.text_adapter(student, CFG, context, mask)
+
+    def u_at(x, t):
+        x0 = model.mean_flow_apply(student, CFG, x, txt, s - t, w)
+        return (x0 - x) / (1 - t)[:, None, None, None]
+
+    np.testing.assert_allclose(u, u_at(x_t, t), atol=1e-5)
+    eps = 1e-3
+    du_dt = (u_at(x_t + eps * v, t + eps) - u_at(x_t - eps * v, t - eps)) / (2 * eps)  # [3,8,8,3]
+    jump = (s - t)[:2, None, None, None]
+    scale = float(jnp.abs(du_dt[:2]).max())
+    np.testing.assert_allclose((target - v)[:2] / jump, du_dt[:2], atol=1e-2 * scale)
+    assert scale > 0.1  # a derivative worth checking
+
+
+def test_no_jump_target_is_the_teachers_guided_velocity():
+    """At r = t the target is the teacher's guided velocity whatever the student: guidance
+    distillation. Where the student jumps, it is not."""
+    student, teacher, batch = small_problem()
+    _, target = train.mean_flow_target(student, teacher, CFG, *batch, 0.01, jnp.float32)
+    _, v = teacher_velocity(teacher, *batch)
+    np.testing.assert_allclose(target[2], v[2], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(target[:2], v[:2], atol=1e-2)
+
+
+def test_tiny_student_draws_its_captions_in_four_jumps(tmp_path):
+    """A small teacher learns four captioned scenes (as in test_overfit); a student distilled from
+    it through train.py's jitted step draws each caption in 4 single-pass jumps from fresh noise,
+    and swapping the captions swaps the images: the student reads the text, not the noise."""
+    from test_overfit import SCENES, psnr
+
+    cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=128, hidden_size=64, depth=2,
+                            txt_preamble_depth=1, num_heads=2, head_dim=32, pca_channels=16)
+    captions = [data.describe(s) for s in SCENES]
+    train.make_tiny_text_encoder(str(tmp_path / "t5"), captions, seed=0)
+    t5cfg, t5_params, tokenizer = sample.load_text_encoder(str(tmp_path / "t5"), cfg)
+    images = np.stack([data.render_scene(s, 16, 16) for s in SCENES])  # [4, 16, 16, 3]
+    ids, mask = tokenizer.encode(captions, 12)
+    batch = jax.device_put({"images": np.tile(images, (4, 1, 1, 1)), "ids": np.tile(ids, (4, 1)),
+                            "mask": np.tile(mask, (4, 1))})
+    mesh = train.make_mesh(jax.devices())
+
+    def fit(cfg, r, frozen, params, steps):
+        init = functools.partial(train.init_state, cfg=cfg)
+        shapes = jax.eval_shape(init, jax.random.key(0))
+        step, shardings, _ = train.make_train_step(mesh, shapes, frozen, cfg, t5cfg, r)
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+        if params is not None:  # the student: the teacher's weights, its own new tokens
+            copy = jax.tree.map(jnp.copy, params)
+            state |= {"params": state["params"] | params, "ema": state["ema"] | copy}
+        for _ in range(steps):
+            state, _ = step(state, frozen, batch)
+        return state["ema"]
+
+    recipe = functools.partial(train.Recipe, batch_size=16, ema=0.0, ema_warmup=False)  # EMA: raw
+    teacher = fit(cfg, recipe(lr=2e-3, warmup=20), t5_params, None, 300)
+    student_cfg = dataclasses.replace(cfg, mean_flow=True)
+    r = recipe(lr=1e-3, warmup=10, distill_from="teacher", w_min=1.0, w_max=2.0)
+    student = fit(student_cfg, r, (t5_params, teacher), jax.tree.map(jnp.copy, teacher), 150)
+
+    context = sample.encode_text(t5_params, t5cfg, ids, mask)
+    noise = sample.initial_noise(jax.random.split(jax.random.key(1), 4), (16, 16), 2.0)
+    for order in (np.arange(4), np.array([1, 2, 3, 0])):
+        out = np.asarray(sample.mean_flow_sample(student, student_cfg, context[order], mask[order],
+                                                 noise, steps=4, guidance=1.0))
+        # >= 18 dB: an RMS error under 0.25 on the [-1, 1] scale; every other scene under 12 dB
+        for i, j in enumerate(order):
+            scores = [psnr(out[i], im) for im in images]
+            others = [x for k, x in enumerate(scores) if k != j]
+            assert scores[j] >= 18 and max(others) < 12, (order, scores)
