@@ -482,7 +482,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(three_checkpoints
     assert all(np.array_equal(v, saved[k]) for k, v in model.flatten(ema).items())
     capsys.readouterr()
     train.main(SMALL + ["--out", run, "--steps", "3", "--ckpt-every", "1"])
-    lines = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if " is damaged (" in line]
     assert len(lines) == 1 and lines[0].startswith(f"train.py: {damaged} is damaged (")
     assert name in lines[0] and lines[0].endswith(f"resuming from {before}")
     assert [m["step"] for m in read_log(run)] == [1, 2, 3]  # 1 and 2 kept, 3 done again
