@@ -3,6 +3,9 @@
 Parameters are nested dicts (and lists, for repeated blocks) of arrays whose paths, joined by ".",
 are the module names of the released checkpoints ("double_blocks.3.img_qkv.weight"). Linear weights
 are stored [in, out] so that a layer is `x @ w`; the importers transpose PyTorch's [out, in].
+
+Read from the top: configs, primitives, the MM-JiT forward pass (mmjit_apply), the MeanFlow student
+and initialisation make the model; the T5 encoder, tokenizer and weight files follow.
 """
 import dataclasses
 import functools
@@ -533,15 +536,12 @@ UNUSED_TORCH_MODULES = {"t_embedder.mlp.0.weight": ("D", 256), "t_embedder.mlp.0
                         "t_embedder.mlp.2.weight": ("D", "D"), "t_embedder.mlp.2.bias": ("D",),
                         "pooled_embedder.weight": ("D", "Dt")}
 
-def to_torch_layout(name, x):
+def torch_layout(name, x, back=False):
+    """Our array `name` in PyTorch's layout, or (back) PyTorch's in ours."""
     if name in TORCH_SHAPES:
-        return x.reshape(TORCH_SHAPES[name])
-    return x.transpose(TORCH_AXES[x.ndim]) if x.ndim in TORCH_AXES else x
-
-def from_torch_layout(name, x):
-    if name in TORCH_SHAPES:
-        return x.reshape(-1)
-    return x.transpose(np.argsort(TORCH_AXES[x.ndim])) if x.ndim in TORCH_AXES else x
+        return x.reshape(-1 if back else TORCH_SHAPES[name])
+    axes = TORCH_AXES.get(x.ndim)
+    return x if axes is None else x.transpose(np.argsort(axes) if back else axes)
 
 def load_diffusers_mmjit(path):
     """(MMJiTConfig, params) from a released MiniT2I Diffusers `transformer/` folder (or its parent,
@@ -558,7 +558,7 @@ def load_diffusers_mmjit(path):
         raise ValueError(f"{folder}/config.json: missing key {e.args[0]}") from None
     unused = tuple({k.split(".")[0] + "." for k in UNUSED_TORCH_MODULES})
     flat = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in read_weights(folder, stem).items()}
-    flat = {k: from_torch_layout(k, v) for k, v in flat.items() if not k.startswith(unused)}
+    flat = {k: torch_layout(k, v, back=True) for k, v in flat.items() if not k.startswith(unused)}
     template = jax.eval_shape(functools.partial(init_mmjit, cfg=cfg), jax.random.key(0))
     return cfg, unflatten_like(template, flat, os.path.join(folder, stem + ".safetensors"))
 
@@ -574,7 +574,7 @@ def save_diffusers_mmjit(path, cfg, params, prompt_length, extra_config=None):
     config |= {"txt_hidden_size": cfg.hidden_size, "prompt_length": prompt_length}
     config |= extra_config or {}
     dims = {"D": cfg.hidden_size, "Dt": cfg.txt_dim}
-    flat = {k: to_torch_layout(k, np.asarray(v, np.float32)) for k, v in flatten(params).items()}
+    flat = {k: torch_layout(k, np.asarray(v, np.float32)) for k, v in flatten(params).items()}
     flat |= {k: np.zeros([dims.get(d, d) for d in shape], np.float32)
              for k, shape in UNUSED_TORCH_MODULES.items()}
     write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
