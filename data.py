@@ -1,10 +1,8 @@
-"""Image-caption data for MiniT2I, host side: a sample becomes a caption and an image cropped to
-the bucket (shape) nearest its aspect ratio; the Loader draws each batch's bucket and its slots'
-sources; a stream per source reads files ahead on worker threads into its buckets' queues. Then
-the sources (tar shards, a folder, a .jsonl manifest, `synthetic`), buckets, bad input, scenes.
-Batches never depend on thread timing: sample orders are functions of (seed, epoch, process),
-batches' buckets and sources of (seed, batch index), so a small position (per source: epoch,
-samples taken, what waits in its buckets) resumes exactly."""
+"""Image-caption data for MiniT2I, host side: a sample (a caption, an image cropped to the bucket
+nearest its aspect ratio), the Loader and its per-source streams, then sources, buckets, bad input
+and synthetic scenes. Batches never depend on thread timing: sample orders are functions of (seed,
+epoch, process), batches' buckets and sources of (seed, batch index), so a small position (per
+source: epoch, samples taken, what waits in its buckets) resumes exactly."""
 
 import collections
 import collections.abc
@@ -142,12 +140,11 @@ def to_rgb(im):
 # ----------------------------------------------------------------------------- samples to batches
 
 class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
-    """Batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L], "captions":
-    B str} mixed from weighted --data sources, each of one of `buckets` (H, W) (default: one
-    image_size square). `frequencies`: bucket_table's [sources, buckets], which several processes
-    must share (pass process 0's). state() is this process's position after the last batch; pass it
-    back as `state` to go on with unseen data. The tokenizer needs encode(texts, max_length) ->
-    (ids, mask) and lengths(texts) -> untruncated token counts."""
+    """Batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L], "captions"}
+    from weighted --data sources, each batch of one of `buckets` (H, W) (default: an image_size
+    square). Processes must share `frequencies` (process 0's bucket_table). state(): the position
+    after the last batch, to pass back as `state`. The tokenizer: encode(texts, max_length) ->
+    (ids, mask), lengths(texts) -> untruncated token counts."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0,
                  process_index=0, process_count=1, num_workers=None, state=None, buckets=None,
@@ -170,10 +167,10 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         fresh = {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {}}
         # The counts' defaults also serve a position saved before they were kept.
         self._state = st = {"upscaled": 0, "cut": 0} | json.loads(json.dumps(state or fresh))
-        if len(st["sources"]) != len(specs):
-            raise ValueError(f"data state has {len(st['sources'])} sources; --data gives"
-                             f" {len(specs)}")
-        if any(len(p.get("waiting", shapes)) != len(shapes) for p in st["sources"]):
+        positions = st["sources"]
+        if len(positions) != len(specs):
+            raise ValueError(f"data state has {len(positions)} sources; --data gives {len(specs)}")
+        if any(len(p.get("waiting", shapes)) != len(shapes) for p in positions):
             raise ValueError(f"data state is of another set of buckets than these {len(shapes)}")
         self.skip_reasons = collections.Counter(st["skipped"])
         self._skipped = self.skip_reasons.copy()  # ahead: counted as the next batches are read
@@ -183,7 +180,7 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         # file reads in flight 2 x workers + 2, so that the pool never waits
         self._streams = [Stream(source, shapes, position, self._pool, 2 * workers + 2,
                                 READ_AHEAD * batch_size, self._skip)
-                         for source, position in zip(opened, st["sources"])]
+                         for source, position in zip(opened, positions)]
 
     def __next__(self):
         if self.closed:
@@ -208,10 +205,10 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
                 "captions": list(captions)}
 
     def _plan(self, b):
-        """Batch b's bucket k, slots [(epoch, future of a sample)] and the position after it. The
-        bucket and each slot's source come from (seed, b) alone: batch shapes agree across hosts.
-        The bucket is frac(phase + b * golden ratio) through the buckets' cumulative frequencies:
-        each one's count of batches stays within a few of its share (independent draws: sqrt(b))."""
+        """Batch b's bucket k, slots [(epoch, future of a sample)], the position after it. Bucket
+        and sources come from (seed, b) alone, the same on every host: the bucket is frac(phase +
+        b * golden ratio) through the cumulative frequencies, within a few batches of its share
+        (independent draws would stray by sqrt(b))."""
         u = (self.bucket_phase + b * (5**0.5 - 1) / 2) % 1
         k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
         p = self.joint[:, k] / self.joint[:, k].sum()
@@ -258,11 +255,10 @@ class Stream:
             source, shapes, pool, depth, limit, skip)
         self.position = {"epoch": position["epoch"], "consumed": position["consumed"]}
         self.good_epoch = position["epoch"]  # the last epoch that gave a usable sample
-        self.order = source.samples(**self.position)
+        self.order = None if isinstance(source, Synthetic) else source.samples(**self.position)
         self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
         self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
-        # What waited at the save is read again, in order; scene numbers (saved before scenes were
-        # drawn at the bucket asked) are not: scenes are endless.
+        # What waited at the save is read again, in order (scene numbers of older saves are not).
         waited = [(e, Sample(*ref)) for q in position.get("waiting", []) for e, ref in q
                   if isinstance(ref, list)]
         for epoch, ref, future in [(e, r, pool.submit(load_sample, r, shapes)) for e, r in waited]:
@@ -273,9 +269,9 @@ class Stream:
         `limit` samples wait, the oldest of the longest queue instead (recropped): the wait stays
         bounded, also for a source without bucket k, and every sample is served once."""
         if isinstance(self.source, Synthetic):
-            epoch, consumed, index = next(self.order)
-            self.position = {"epoch": epoch, "consumed": consumed}
-            return epoch, self.pool.submit(self.source.read, index, self.shapes[k])
+            self.position["consumed"] += 1
+            index = self.position["consumed"] - 1
+            return self.position["epoch"], self.pool.submit(self.source.read, index, self.shapes[k])
         queue = self.queues[k]
         while not queue:
             if sum(map(len, self.queues)) >= self.limit:
@@ -374,8 +370,7 @@ class Files:
         """(epoch, samples consumed once this one is, sample) from `consumed` into `epoch`, on."""
         while True:
             rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
-            in_units = (found[j] for found in self.shuffled(rng)
-                        for j in rng.permutation(len(found)))
+            in_units = (unit[j] for unit in self.shuffled(rng) for j in rng.permutation(len(unit)))
             n = 0
             for n, sample in enumerate(shuffle_buffer(in_units, rng, SHUFFLE_BUFFER), 1):
                 if n > consumed:
@@ -401,18 +396,14 @@ def shuffle_buffer(items, rng, size):
     yield from (buffer[j] for j in rng.permutation(len(buffer)))
 
 class Synthetic:
-    """Endless scenes, each drawn at the shape asked for; sample i of process p is scene
-    i * process_count + p, so that hosts never overlap."""
+    """Endless scenes, each drawn at the shape asked for."""
 
     def __init__(self, number, seed, process_index, process_count):
         self.name, self.number, self.seed = "synthetic", number, seed
         self.process_index, self.process_count = process_index, process_count
 
-    def samples(self, epoch, consumed):
-        for i in itertools.count(consumed):
-            yield epoch, i + 1, i * self.process_count + self.process_index
-
-    def read(self, index, shape):
+    def read(self, i, shape):
+        index = i * self.process_count + self.process_index  # hosts never draw the same scene
         scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
         pixels = np.round((render_scene(scene, *shape) + 1) * 127.5).astype(np.uint8)  # exact
         return pixels, describe(scene), False
@@ -511,10 +502,9 @@ def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
 # ----------------------------------------------------------------------------- aspect-ratio buckets
 
 def aspect_buckets(size, patch, count=5, budget=0.1):
-    """(height, width) shapes for multi-aspect training at size x size: multiples of `patch`,
-    `count` ratios log-spaced from 1:2 to 2:1, each the patch grid nearest that ratio whose pixel
-    count is within `budget` (+-10%) of size x size. Grids that small cannot all hit their ratio:
-    at 32 px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
+    """(height, width) multiples of `patch` for `count` ratios log-spaced from 1:2 to 2:1: the grid
+    nearest each ratio within `budget` of size x size pixels. Small grids miss their ratio: at 32
+    px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
     g = size // patch
     grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
              if abs(r * c - g * g) <= budget * g * g]
@@ -645,10 +635,9 @@ def regions(mask):
         labels = new
 
 def read_scene(image):
-    """The inverse of describe(render_scene(...)): the captioned fields of the Scene in an image
-    [S, S, 3] in [-1, 1], or None unless it shows one or two objects (regions of at least 2% of the
-    image). A shape is told by the share of its bounding box it fills (triangle 1/2, circle pi/4,
-    square 1), a position by the box's centre (jitter < 0.05, positions 0.22 apart)."""
+    """describe(render_scene(...)) inverted: the captioned Scene of [S, S, 3] in [-1, 1], or None
+    unless it shows one or two objects (regions of 2% of it). A shape is told by the share of its
+    box it fills (triangle 1/2, circle pi/4, square 1), a position by the box's centre."""
     pixels = (np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5
     S = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -663,8 +652,7 @@ def read_scene(image):
         return None
     colour = colours[np.bincount(label[np.isin(objects, big)]).argmax() - 1]  # the majority colour
     ys, xs = np.nonzero(objects == ids[sizes.argmax()])  # the largest object
-    box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = len(ys) / (box_h * box_w)
+    fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))  # of its box
     shape = "triangle" if fill < 0.64 else "circle" if fill < 0.9 else "square"
     centre = np.array([xs.min() + xs.max() + 1, ys.min() + ys.max() + 1]) / (2 * S)
     position = list(POSITIONS)[np.argmin([np.hypot(*(centre - p)) for p in POSITIONS.values()])]
