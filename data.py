@@ -68,7 +68,6 @@ def read_caption(sample):
     return text.strip()
 
 def caption_field(meta):
-    """The caption of a .json caption or a manifest line: its "caption" or else "text" string."""
     text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
     return text if isinstance(text, str) else None
 
@@ -133,8 +132,7 @@ def to_rgb(im):
     if im.mode == "I" or im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im.convert("RGBA"))
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255,) * 4), im.convert("RGBA"))
     return im if im.mode == "RGB" else im.convert("RGB")
 
 # ----------------------------------------------------------------------------- samples to batches
@@ -272,22 +270,17 @@ class Stream:
             self.position["consumed"] += 1
             index = self.position["consumed"] - 1
             return self.position["epoch"], self.pool.submit(self.source.read, index, self.shapes[k])
-        queue = self.queues[k]
-        while not queue:
-            if sum(map(len, self.queues)) >= self.limit:
-                queue = max(self.queues, key=len)
-            else:
-                self._pull()
-        epoch, _, future = queue.popleft()
+        while not self.queues[k] and sum(map(len, self.queues)) < self.limit:
+            self._pull()
+        epoch, _, future = (self.queues[k] or max(self.queues, key=len)).popleft()
         return epoch, future
 
     def _pull(self):
         """Moves the next usable sample in order into its bucket's queue."""
         while True:
             while len(self.reading) < self.depth:
-                epoch, consumed, ref = next(self.order)
-                future = self.pool.submit(load_sample, ref, self.shapes)
-                self.reading.append((epoch, consumed, ref, future))
+                item = next(self.order)  # (epoch, consumed, sample)
+                self.reading.append((*item, self.pool.submit(load_sample, item[2], self.shapes)))
             epoch, consumed, ref, future = self.reading.popleft()
             self.position = {"epoch": epoch, "consumed": consumed}
             if self._queue(epoch, ref, future):
@@ -579,7 +572,6 @@ def random_scene(rng):
                  float(rng.uniform(0.9, 1.1)))
 
 def describe(scene):
-    """The caption of a scene, e.g. "two red circles on a white background"."""
     if scene.count == 2:
         return f"two {scene.colour} {scene.shape}s on a {scene.background} background"
     article = "an" if scene.colour[0] in "aeiou" else "a"
