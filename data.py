@@ -41,10 +41,9 @@ Sample = collections.namedtuple("Sample", "name image caption caption_ext error"
                                 defaults=(None, None, "txt", None))
 
 def load_sample(sample, shapes):
-    """Sample -> (uint8 image at the nearest of shapes, caption, upscaled), on a worker thread."""
+    """Sample -> (uint8 image at the nearest of shapes, upscaled, caption), on a worker thread."""
     caption = read_caption(sample)
-    image, upscaled = load_image(image_file(sample), shapes)
-    return image, caption, upscaled
+    return (*load_image(image_file(sample), shapes), caption)
 
 def read_caption(sample):
     """A sample's caption, reading nothing of its image."""
@@ -75,8 +74,8 @@ def image_file(sample):
     """A sample's image for PIL: a whole file's path (PIL reads what it needs), a member's bytes."""
     if sample.image is None:
         raise BadSample("missing image")
-    whole = sample.image[1] is None
-    return sample.image[0] if whole else read_part(sample.image, "unreadable image")
+    path, offset, _ = sample.image
+    return path if offset is None else read_part(sample.image, "unreadable image")
 
 def read_part(part, reason):
     """The bytes of a file or tar member; `reason` is what a failed read counts as."""
@@ -187,7 +186,7 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         while len(self._planned) <= PREFETCH_BATCHES:  # the reads of the next batches start now
             self._planned.append(self._plan(st["batches"] + len(self._planned)))
         k, slots, positions, skipped = self._planned.popleft()
-        images, captions, scaled = zip(*(future.result() for _, future in slots))
+        images, scaled, captions = zip(*(future.result() for _, future in slots))
         first = np.array([epoch == 0 for epoch, _ in slots])  # later passes meet the same files
         ids, mask = self.tokenizer.encode(captions, self.max_length)
         long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
@@ -263,7 +262,7 @@ class Stream:
             self._queue(epoch, ref, future)
 
     def take(self, k):
-        """(epoch, future of (image, caption, upscaled)) of the next sample for bucket k. Once
+        """(epoch, future of (image, upscaled, caption)) of the next sample for bucket k. Once
         `limit` samples wait, the oldest of the longest queue instead (recropped): the wait stays
         bounded, also for a source without bucket k, and every sample is served once."""
         if isinstance(self.source, Synthetic):
@@ -399,7 +398,7 @@ class Synthetic:
         index = i * self.process_count + self.process_index  # hosts never draw the same scene
         scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
         pixels = np.round((render_scene(scene, *shape) + 1) * 127.5).astype(np.uint8)  # exact
-        return pixels, describe(scene), False
+        return pixels, False, describe(scene)
 
 def index_tar(path):
     """A WebDataset shard -> its samples from the tar headers, paired by key (the name up to the
