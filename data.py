@@ -1,11 +1,8 @@
-"""Image-caption data for MiniT2I, host side. A sample becomes a caption and an image cropped to
-the bucket (shape) nearest its aspect ratio; the Loader draws each batch's bucket and its slots'
-sources; a stream per source reads files ahead on worker threads, each waiting in its bucket's
-queue until a batch of that shape takes it. Then the sources (tar shards, an image folder, a .jsonl
-manifest, `synthetic`), the buckets, bad input, and the synthetic scenes with their reader.
-Batches never depend on thread timing: sample orders are functions of (seed, epoch, process),
-batches' buckets and sources of (seed, batch index), so a small position (per source: epoch,
-samples taken, what waits in its buckets) resumes exactly."""
+"""Image-caption data for MiniT2I, host side: a sample (a caption, an image cropped to the bucket
+nearest its aspect ratio), the Loader and its per-source streams, then sources, buckets, bad input
+and synthetic scenes. Batches never depend on thread timing: sample orders are functions of (seed,
+epoch, process), batches' buckets and sources of (seed, batch index), so a small position (per
+source: epoch, samples taken, what waits in its buckets) resumes exactly."""
 
 import collections
 import collections.abc
@@ -35,8 +32,6 @@ NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
 STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
 CAPTION_SAMPLE = 50_000  # captions read per source at start-up (all of a smaller source)
 _SYNTH, _EPOCH, _MIX, _BUCKET, _CAPTIONS = 0, 1, 2, 3, 4  # separate random streams under one seed
-GOLDEN = (5**0.5 - 1) / 2
-
 
 # ----------------------------------------------------------------------------- a sample
 
@@ -45,51 +40,42 @@ GOLDEN = (5**0.5 - 1) / 2
 Sample = collections.namedtuple("Sample", "name image caption caption_ext error",
                                 defaults=(None, None, "txt", None))
 
-
 def load_sample(sample, shapes):
-    """Sample -> (uint8 image at the nearest of shapes, caption, upscaled), on a worker thread."""
+    """Sample -> (uint8 image at the nearest of shapes, upscaled, caption), on a worker thread."""
     caption = read_caption(sample)
-    image, upscaled = load_image(image_file(sample), shapes)
-    return image, caption, upscaled
-
+    return (*load_image(image_file(sample), shapes), caption)
 
 def read_caption(sample):
     """A sample's caption, reading nothing of its image."""
     if sample.error:
         raise BadSample(*sample.error)
-    if sample.caption is None:
-        raise BadSample("missing caption")
     text = sample.caption
+    if text is None:
+        raise BadSample("missing caption")
     try:
         if not isinstance(text, str):
             text = read_part(text, "missing caption").decode("utf-8-sig")
+        text = caption_field(json.loads(text)) if sample.caption_ext == "json" else text
     except UnicodeDecodeError as e:
         raise BadSample("caption not UTF-8", str(e)) from None
-    if sample.caption_ext == "json":
-        try:
-            text = caption_field(json.loads(text))
-        except ValueError as e:
-            raise BadSample("unreadable caption", str(e)) from None
-        if text is None:
-            raise BadSample("missing caption", 'json without a "caption" or "text" string')
+    except ValueError as e:
+        raise BadSample("unreadable caption", str(e)) from None
+    if text is None:
+        raise BadSample("missing caption", 'json without a "caption" or "text" string')
     if not text.strip():
         raise BadSample("empty caption")
     return text.strip()
 
-
 def caption_field(meta):
-    """The caption of a .json caption or a manifest line: its "caption" or else "text" string."""
     text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
     return text if isinstance(text, str) else None
-
 
 def image_file(sample):
     """A sample's image for PIL: a whole file's path (PIL reads what it needs), a member's bytes."""
     if sample.image is None:
         raise BadSample("missing image")
-    whole = sample.image[1] is None
-    return sample.image[0] if whole else read_part(sample.image, "unreadable image")
-
+    path, offset, _ = sample.image
+    return path if offset is None else read_part(sample.image, "unreadable image")
 
 def read_part(part, reason):
     """The bytes of a file or tar member; `reason` is what a failed read counts as."""
@@ -101,12 +87,10 @@ def read_part(part, reason):
     except OSError as e:
         raise BadSample(reason, str(e)) from None
 
-
 def load_image(src, shapes, decode=True):
-    """Bytes or a path -> (uint8 [H, W, 3] RGB, upscaled): turned upright by its EXIF orientation
-    and center-cropped to the (H, W) of `shapes` (an int: one square) nearest its aspect ratio, in
-    one resize. That shape comes from the header (all that decode=False reads, and returns), so
-    the image is decoded once."""
+    """Bytes or a path -> (uint8 [H, W, 3] RGB, upscaled): upright by its EXIF orientation, center-
+    cropped to the (H, W) of `shapes` (an int: one square) nearest its aspect ratio in one resize.
+    That shape comes from the header (all that decode=False reads and returns): one decode."""
     shapes = [(shapes, shapes)] if isinstance(shapes, int) else shapes
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
@@ -135,7 +119,6 @@ def load_image(src, shapes, decode=True):
     except Exception as e:  # PIL reports malformed files with many exception types
         raise BadSample("unreadable image", f"{type(e).__name__}: {e}") from None
 
-
 def crop(im, shape):
     """RGB image -> (uint8 [H, W, 3], upscaled): its centered crop of ratio W:H, resized."""
     (h_out, w_out), (w, h) = shape, im.size
@@ -143,27 +126,22 @@ def crop(im, shape):
     box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     return np.asarray(im.resize((w_out, h_out), Image.BICUBIC, box=box)), cw < w_out
 
-
 def to_rgb(im):
-    """Any PIL mode -> RGB. Transparency is composited over white; 16-bit grey keeps its top 8 bits
-    (PIL's own conversion clips it to 255 instead)."""
+    """Any PIL mode -> RGB over white; 16-bit grey keeps its top 8 bits (PIL would clip at 255)."""
     if im.mode == "I" or im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im.convert("RGBA"))
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255,) * 4), im.convert("RGBA"))
     return im if im.mode == "RGB" else im.convert("RGB")
-
 
 # ----------------------------------------------------------------------------- samples to batches
 
 class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
-    """Batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L], "captions":
-    B str} mixed from weighted --data sources, each of one of `buckets` (H, W) (default: one
-    image_size square). `frequencies`: bucket_table's [sources, buckets], which several processes
-    must share (pass process 0's). state() is this process's position after the last batch; pass it
-    back as `state` to go on with unseen data. The tokenizer needs encode(texts, max_length) ->
-    (ids, mask) and lengths(texts) -> untruncated token counts."""
+    """Batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L], "captions"}
+    from weighted --data sources, each batch of one of `buckets` (H, W) (default: an image_size
+    square). Processes must share `frequencies` (process 0's bucket_table). state(): the position
+    after the last batch, to pass back as `state`. The tokenizer: encode(texts, max_length) ->
+    (ids, mask), lengths(texts) -> untruncated token counts."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0,
                  process_index=0, process_count=1, num_workers=None, state=None, buckets=None,
@@ -172,35 +150,32 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         shapes = [tuple(b) for b in buckets] if buckets else [(image_size, image_size)]
         if frequencies is None and process_count > 1 and len(shapes) > 1:
             raise ValueError("several processes need process 0's bucket_table as `frequencies`")
-        opened = [open_source(path, i, seed, process_index, process_count)
+        opened = [check_usable(open_source(path, i, seed, process_index, process_count), shapes)
                   for i, (path, _) in enumerate(specs)]
-        for source in opened:
-            check_usable(source, shapes)
-        if frequencies is None:
-            frequencies = bucket_table(sources, seed, shapes)
         weights = np.array([w for _, w in specs])
         # P(source, bucket): each source fills its weight's share of the slots in the proportions
         # of its own buckets, so that a stream is asked for a bucket about as often as it has one.
-        self.joint = weights[:, None] / weights.sum() * np.asarray(frequencies)
+        self.joint = weights[:, None] / weights.sum() * np.asarray(
+            bucket_table(sources, seed, shapes) if frequencies is None else frequencies)
         self.bucket_cdf = np.cumsum(self.joint.sum(0)) / self.joint.sum()
         self.bucket_phase = np.random.default_rng([seed, _BUCKET]).random()
         self.shapes, self.batch_size, self.seed = shapes, batch_size, seed
         self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length
         fresh = {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {}}
         # The counts' defaults also serve a position saved before they were kept.
-        self._state = {"upscaled": 0, "cut": 0} | json.loads(json.dumps(state or fresh))
-        positions = self._state["sources"]
+        self._state = st = {"upscaled": 0, "cut": 0} | json.loads(json.dumps(state or fresh))
+        positions = st["sources"]
         if len(positions) != len(specs):
             raise ValueError(f"data state has {len(positions)} sources; --data gives {len(specs)}")
         if any(len(p.get("waiting", shapes)) != len(shapes) for p in positions):
             raise ValueError(f"data state is of another set of buckets than these {len(shapes)}")
-        self.skip_reasons = collections.Counter(self._state["skipped"])
+        self.skip_reasons = collections.Counter(st["skipped"])
         self._skipped = self.skip_reasons.copy()  # ahead: counted as the next batches are read
-        self._planned = collections.deque()
-        workers, self.closed = num_workers or min(8, os.cpu_count() or 1), False
+        self._planned, self.closed = collections.deque(), False
+        workers = num_workers or min(8, os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="data")
-        depth = 2 * workers + 2  # file reads in flight, so that the pool never waits
-        self._streams = [Stream(source, shapes, position, self._pool, depth,
+        # file reads in flight 2 x workers + 2, so that the pool never waits
+        self._streams = [Stream(source, shapes, position, self._pool, 2 * workers + 2,
                                 READ_AHEAD * batch_size, self._skip)
                          for source, position in zip(opened, positions)]
 
@@ -211,14 +186,13 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         while len(self._planned) <= PREFETCH_BATCHES:  # the reads of the next batches start now
             self._planned.append(self._plan(st["batches"] + len(self._planned)))
         k, slots, positions, skipped = self._planned.popleft()
-        images, captions, scaled = zip(*(future.result() for _, future in slots))
+        images, scaled, captions = zip(*(future.result() for _, future in slots))
         first = np.array([epoch == 0 for epoch, _ in slots])  # later passes meet the same files
         ids, mask = self.tokenizer.encode(captions, self.max_length)
         long = np.asarray(self.tokenizer.lengths(captions)) > self.max_length
-        st["upscaled"] += int((np.array(scaled) & first).sum())
-        st["cut"] += int((long & first).sum())
-        st["batches"] += 1
-        st["sources"], st["skipped"] = positions, skipped
+        st |= {"batches": st["batches"] + 1, "sources": positions, "skipped": skipped,
+               "upscaled": st["upscaled"] + int((np.array(scaled) & first).sum()),
+               "cut": st["cut"] + int((long & first).sum())}
         self.skip_reasons = collections.Counter(skipped)
         shape = self.shapes[k]  # a sample served to another bucket than its own is recropped
         images = np.stack([image if image.shape[:2] == shape else
@@ -228,12 +202,11 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
                 "captions": list(captions)}
 
     def _plan(self, b):
-        """Batch b's bucket k, slots [(epoch, future of a sample)] and the position after it. The
-        bucket and each slot's source come from (seed, b) alone: batch shapes agree across hosts."""
-        # The bucket is frac(phase + b * golden ratio) through the buckets' cumulative frequencies:
-        # each one's count of batches stays within a few of its share, where independent draws
-        # would drift by sqrt(batches).
-        u = (self.bucket_phase + b * GOLDEN) % 1
+        """Batch b's bucket k, slots [(epoch, future of a sample)], the position after it. Bucket
+        and sources come from (seed, b) alone, the same on every host: the bucket is frac(phase +
+        b * golden ratio) through the cumulative frequencies, within a few batches of its share
+        (independent draws would stray by sqrt(b))."""
+        u = (self.bucket_phase + b * (5**0.5 - 1) / 2) % 1
         k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
         p = self.joint[:, k] / self.joint[:, k].sum()
         picks = np.random.default_rng([self.seed, _MIX, b]).choice(len(p), self.batch_size, p=p)
@@ -269,59 +242,52 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         self.close()
 
-
 class Stream:
-    """One source's samples in order, for batches of one bucket each. Files are read and decoded on
-    the pool `depth` ahead, and wait in their bucket's queue until a batch of that shape takes them
-    (a bad one goes to `skip` in the source's first pass). A scene is drawn at the bucket asked."""
+    """One source's samples in order. Files are read and decoded on the pool `depth` ahead and wait
+    in their bucket's queue for a batch of that shape (a bad one goes to `skip` in the first pass);
+    a scene is drawn at the bucket asked."""
 
     def __init__(self, source, shapes, position, pool, depth, limit, skip):
         self.source, self.shapes, self.pool, self.depth, self.limit, self.skip = (
             source, shapes, pool, depth, limit, skip)
         self.position = {"epoch": position["epoch"], "consumed": position["consumed"]}
         self.good_epoch = position["epoch"]  # the last epoch that gave a usable sample
-        self.order = source.samples(position["epoch"], position["consumed"])
+        self.order = None if isinstance(source, Synthetic) else source.samples(**self.position)
         self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
         self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
-        # What waited at the save is read again, in order. (Scene numbers, which positions saved
-        # before scenes were drawn at the bucket asked for hold, are not: scenes are endless.)
-        waited = [(epoch, Sample(*ref)) for q in position.get("waiting", []) for epoch, ref in q
+        # What waited at the save is read again, in order (scene numbers of older saves are not).
+        waited = [(e, Sample(*ref)) for q in position.get("waiting", []) for e, ref in q
                   if isinstance(ref, list)]
         for epoch, ref, future in [(e, r, pool.submit(load_sample, r, shapes)) for e, r in waited]:
             self._queue(epoch, ref, future)
 
     def take(self, k):
-        """(epoch, future of (image, caption, upscaled)) of the next sample for bucket k. Once
+        """(epoch, future of (image, upscaled, caption)) of the next sample for bucket k. Once
         `limit` samples wait, the oldest of the longest queue instead (recropped): the wait stays
         bounded, also for a source without bucket k, and every sample is served once."""
         if isinstance(self.source, Synthetic):
-            epoch, consumed, index = next(self.order)
-            self.position = {"epoch": epoch, "consumed": consumed}
-            return epoch, self.pool.submit(self.source.read, index, self.shapes[k])
-        queue = self.queues[k]
-        while not queue:
-            if sum(map(len, self.queues)) >= self.limit:
-                queue = max(self.queues, key=len)
-            else:
-                self._pull()
-        epoch, _, future = queue.popleft()
+            self.position["consumed"] += 1
+            index = self.position["consumed"] - 1
+            return self.position["epoch"], self.pool.submit(self.source.read, index, self.shapes[k])
+        while not self.queues[k] and sum(map(len, self.queues)) < self.limit:
+            self._pull()
+        epoch, _, future = (self.queues[k] or max(self.queues, key=len)).popleft()
         return epoch, future
 
     def _pull(self):
         """Moves the next usable sample in order into its bucket's queue."""
         while True:
             while len(self.reading) < self.depth:
-                epoch, consumed, ref = next(self.order)
-                self.reading.append((epoch, consumed, ref,
-                                     self.pool.submit(load_sample, ref, self.shapes)))
+                item = next(self.order)  # (epoch, consumed, sample)
+                self.reading.append((*item, self.pool.submit(load_sample, item[2], self.shapes)))
             epoch, consumed, ref, future = self.reading.popleft()
             self.position = {"epoch": epoch, "consumed": consumed}
             if self._queue(epoch, ref, future):
                 self.good_epoch = epoch
                 return
             if epoch > self.good_epoch + 1:
-                name = self.source.name
-                raise ValueError(f"--data {name}: a whole epoch without a usable sample")
+                raise ValueError(f"--data {self.source.name}: a whole epoch without a usable"
+                                 " sample")
 
     def _queue(self, epoch, ref, future):
         """Puts a read sample in its bucket's queue; False for a bad one."""
@@ -335,10 +301,9 @@ class Stream:
         return True
 
     def state(self):
-        """The position; under buckets also the samples waiting (each as its fields)."""
+        """The position; under buckets also the samples waiting, each as its fields."""
         waiting = [[[epoch, list(ref)] for epoch, ref, _ in queue] for queue in self.queues]
         return self.position | ({"waiting": waiting} if len(waiting) > 1 else {})
-
 
 # ----------------------------------------------------------------------------- sources
 
@@ -356,14 +321,12 @@ def parse_sources(specs):
         sources.append((path, weight))
     return sources
 
-
 def open_source(path, number, seed, process_index=0, process_count=1):
     """A --data path -> a source of this process's share: shards[process_index::process_count] of
     tar shards, the same split of the samples of a folder or manifest."""
     if path == "synthetic":
         return Synthetic(number, seed, process_index, process_count)
-    expected = ("expected .tar shards, a brace pattern of them, an image folder, a .jsonl manifest"
-                " or 'synthetic'")
+    expected = "expected .tar shards, a brace pattern of them, an image folder, a .jsonl manifest"
     if "{" in path:
         units = expand_braces(path)
         missing = [s for s in units if not os.path.isfile(s)]
@@ -371,24 +334,22 @@ def open_source(path, number, seed, process_index=0, process_count=1):
             raise ValueError(f"--data {path}: {len(missing)} of {len(units)} shards do not exist,"
                              f" e.g. {missing[0]}")
     elif not os.path.exists(path):
-        raise ValueError(f"--data {path}: no such file or directory ({expected})")
+        raise ValueError(f"--data {path}: no such file or directory ({expected} or 'synthetic')")
     elif os.path.isdir(path):
         units = sorted(glob.glob(os.path.join(path, "*.tar"))) or scan_folder(path)
-    elif path.endswith(".jsonl"):
-        units = read_manifest(path)
-    elif path.endswith(".tar"):
-        units = [path]
+    elif path.endswith((".jsonl", ".tar")):
+        units = read_manifest(path) if path.endswith(".jsonl") else [path]
     else:
-        raise ValueError(f"--data {path}: unknown kind of file ({expected})")
+        raise ValueError(f"--data {path}: unknown kind of file ({expected} or 'synthetic')")
     if not units:
         raise ValueError(f"--data {path}: no images found ({expected}; a folder needs images with"
                          " captions beside them)")
-    if not units[process_index::process_count]:
+    mine = units[process_index::process_count]
+    if not mine:
         kind = "shards" if isinstance(units[0], str) else "samples"
         raise ValueError(f"--data {path}: {len(units)} {kind} cannot be split over {process_count}"
                          " processes")
-    return Files(path, units[process_index::process_count], number, seed)
-
+    return Files(path, mine, number, seed)
 
 class Files:
     """Samples from files, in an order reshuffled every epoch: units (tar shards, or samples) in a
@@ -401,8 +362,7 @@ class Files:
         """(epoch, samples consumed once this one is, sample) from `consumed` into `epoch`, on."""
         while True:
             rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
-            in_units = (found[j] for found in self.shuffled(rng)
-                        for j in rng.permutation(len(found)))
+            in_units = (unit[j] for unit in self.shuffled(rng) for j in rng.permutation(len(unit)))
             n = 0
             for n, sample in enumerate(shuffle_buffer(in_units, rng, SHUFFLE_BUFFER), 1):
                 if n > consumed:
@@ -416,42 +376,33 @@ class Files:
         return (index_tar(self.units[u]) if isinstance(self.units[u], str) else [self.units[u]]
                 for u in rng.permutation(len(self.units)))
 
-
 def shuffle_buffer(items, rng, size):
     buffer = []
     for item in items:
         if len(buffer) < size:
             buffer.append(item)
-            continue
-        j = rng.integers(size)
-        yield buffer[j]
-        buffer[j] = item
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
-
+        else:
+            j = rng.integers(size)
+            yield buffer[j]
+            buffer[j] = item
+    yield from (buffer[j] for j in rng.permutation(len(buffer)))
 
 class Synthetic:
-    """Endless scenes, each drawn at the shape asked for; sample i of process p is scene
-    i * process_count + p, so that hosts never overlap."""
+    """Endless scenes, each drawn at the shape asked for."""
 
     def __init__(self, number, seed, process_index, process_count):
         self.name, self.number, self.seed = "synthetic", number, seed
         self.process_index, self.process_count = process_index, process_count
 
-    def samples(self, epoch, consumed):
-        for i in itertools.count(consumed):
-            yield epoch, i + 1, i * self.process_count + self.process_index
-
-    def read(self, index, shape):
+    def read(self, i, shape):
+        index = i * self.process_count + self.process_index  # hosts never draw the same scene
         scene = random_scene(np.random.default_rng([self.seed, _SYNTH, self.number, index]))
         pixels = np.round((render_scene(scene, *shape) + 1) * 127.5).astype(np.uint8)  # exact
-        return pixels, describe(scene), False
-
+        return pixels, False, describe(scene)
 
 def index_tar(path):
-    """A WebDataset shard -> its samples, from the tar headers alone. Members pair up by key (the
-    name up to the first dot of its basename). A shard cut short or corrupt keeps the samples
-    before the damage and one more that marks it, counted like any bad sample."""
+    """A WebDataset shard -> its samples from the tar headers, paired by key (the name up to the
+    basename's first dot). A damaged shard keeps the samples before the damage and a bad one."""
     parts, error = {}, None
     try:
         end = os.path.getsize(path)
@@ -476,10 +427,8 @@ def index_tar(path):
         samples.append(Sample(f"{path}:{key.lstrip('/')}", image, found.get(ext), ext))
     return samples + ([Sample(path, error=error)] if error else [])
 
-
 def scan_folder(root):
-    """Every image under root (recursively, in sorted order) with its caption: the same-named .txt,
-    .caption or .json beside it (the first found, in that order, as in tar shards)."""
+    """Every image under root, sorted, with the first of its same-named CAPTION_EXTS beside it."""
     samples = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -491,7 +440,6 @@ def scan_folder(root):
                 path = os.path.join(folder, f)
                 samples.append(Sample(path, (path, None, None), caption, ext or "txt"))
     return samples
-
 
 def read_manifest(path):
     """A .jsonl manifest -> samples; image paths are relative to it; a bad line is a bad sample."""
@@ -508,21 +456,16 @@ def read_manifest(path):
                     samples.append(Sample(f"{path}:{n}", error=error))
     return samples
 
-
 def expand_braces(pattern):
     """'a/{00..02}.tar' -> ['a/00.tar', 'a/01.tar', 'a/02.tar']; also comma lists '{x,y}'."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    if span:
-        a, b = span.groups()
-        options = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
-    else:
-        options = m.group(1).split(",")
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", m[1])
+    options = ([str(i).zfill(len(span[1])) for i in range(int(span[1]), int(span[2]) + 1)]
+               if span else m[1].split(","))
     rests = expand_braces(pattern[m.end():])
     return [pattern[:m.start()] + o + rest for o in options for rest in rests]
-
 
 def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
     """The captions of every --data source, reading no image: all of a source's, or of one of more
@@ -548,14 +491,12 @@ def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
         captions += found
     return captions, complete
 
-
 # ----------------------------------------------------------------------------- aspect-ratio buckets
 
 def aspect_buckets(size, patch, count=5, budget=0.1):
-    """(height, width) shapes for multi-aspect training at size x size: multiples of `patch`,
-    `count` ratios log-spaced from 1:2 to 2:1, each the patch grid nearest that ratio whose pixel
-    count is within `budget` (+-10%) of size x size. Grids that small cannot all hit their ratio:
-    at 32 px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
+    """(height, width) multiples of `patch` for `count` ratios log-spaced from 1:2 to 2:1: the grid
+    nearest each ratio within `budget` of size x size pixels. Small grids miss their ratio: at 32
+    px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
     g = size // patch
     grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
              if abs(r * c - g * g) <= budget * g * g]
@@ -563,12 +504,10 @@ def aspect_buckets(size, patch, count=5, budget=0.1):
     nearest = [min(grids, key=distance(k)) for k in np.linspace(-1, 1, count)]
     return list(dict.fromkeys((r * patch, c * patch) for r, c in nearest))
 
-
 def bucket_table(specs, seed, shapes):
     """float [sources, buckets]: each --data source's share of images nearest each bucket, from the
-    headers of PROBE samples of the whole source, plus one each so that every bucket is drawn
-    (uniform for scenes, drawn at any shape). Computed once, on process 0, and given to every
-    process: hosts then draw the same batch shapes."""
+    headers of PROBE samples, plus one each so that every bucket is drawn (scenes: uniform). Made
+    once, on process 0, from the whole source, for every process: all draw the same shapes."""
     sources = parse_sources(specs or ["synthetic"])
     table = np.ones((len(sources), len(shapes)))
     for number, (path, _) in enumerate(sources):
@@ -581,7 +520,6 @@ def bucket_table(specs, seed, shapes):
                     table[number, shapes.index(shape)] += 1
     return table / table.sum(1, keepdims=True)
 
-
 # ----------------------------------------------------------------------------- bad input
 
 class BadSample(Exception):
@@ -591,22 +529,21 @@ class BadSample(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
-
 def check_usable(source, shapes):
-    """Start-up: one of a file source's first few samples has a caption and an image header that
+    """Start-up: -> source if one of its first few samples has a caption and an image header that
     opens (bounded effort; no image is decoded)."""
     if isinstance(source, Synthetic):
-        return
+        return source
     problems = []
     for _, _, sample in itertools.islice(source.samples(0, 0), STARTUP_TRIES):
         try:
             read_caption(sample)
-            return load_image(image_file(sample), shapes, decode=False)
+            load_image(image_file(sample), shapes, decode=False)
+            return source
         except BadSample as e:
             problems.append(f"{sample.name}: {e}")
     raise ValueError(f"--data {source.name}: none of its first {len(problems)} samples is usable "
                      f"(first: {problems[0]})")
-
 
 # ----------------------------------------------------------------------------- synthetic scenes
 
@@ -625,7 +562,6 @@ PLACES = {"center": "in the center", "left": "on the left", "right": "on the rig
 Scene = collections.namedtuple("Scene", "shape colour background count position dx dy scale",
                                defaults=(1, "center", 0.0, 0.0, 1.0))
 
-
 def random_scene(rng):
     pick = lambda options: list(options)[rng.integers(len(options))]
     colour = pick(COLOURS)
@@ -634,15 +570,12 @@ def random_scene(rng):
                  1 + int(rng.integers(2)), pick(POSITIONS), float(dx), float(dy),
                  float(rng.uniform(0.9, 1.1)))
 
-
 def describe(scene):
-    """The caption of a scene, e.g. "two red circles on a white background"."""
     if scene.count == 2:
         return f"two {scene.colour} {scene.shape}s on a {scene.background} background"
     article = "an" if scene.colour[0] in "aeiou" else "a"
     return (f"{article} {scene.colour} {scene.shape} {PLACES[scene.position]} on a "
             f"{scene.background} background")
-
 
 def render_scene(scene, height, width=None):
     """Scene -> float32 [height, width, 3] in [-1, 1] (width defaults to height); positions are
@@ -650,21 +583,16 @@ def render_scene(scene, height, width=None):
     width = width or height
     im = Image.new("RGB", (4 * width, 4 * height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
-    if scene.count == 2:
-        centres, r = [(0.27, 0.5), (0.73, 0.5)], 0.18
-    else:
-        centres, r = [POSITIONS[scene.position]], 0.21
-    r, fill = r * scene.scale * 4 * min(height, width), COLOURS[scene.colour]
+    centres = [(0.27, 0.5), (0.73, 0.5)] if scene.count == 2 else [POSITIONS[scene.position]]
+    r = (0.18 if scene.count == 2 else 0.21) * scene.scale * 4 * min(height, width)
     for cx, cy in centres:
         x, y = (cx + scene.dx) * 4 * width, (cy + scene.dy) * 4 * height
-        if scene.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill)
-        elif scene.shape == "square":
-            draw.rectangle((x - r, y - r, x + r, y + r), fill)
-        else:
+        box, fill = (x - r, y - r, x + r, y + r), COLOURS[scene.colour]
+        if scene.shape == "triangle":
             draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill)
+        else:  # a circle or a square filling the same box
+            (draw.ellipse if scene.shape == "circle" else draw.rectangle)(box, fill)
     return np.asarray(im.reduce(4), np.float32) / 127.5 - 1.0
-
 
 def synthetic_captions():
     """Every caption the synthetic source can produce (414 of them), sorted."""
@@ -673,7 +601,6 @@ def synthetic_captions():
                    for colour in COLOURS for background in BACKGROUNDS if background != colour
                    for count, position in layouts})
 
-
 # Captions the generator produces, spread over its vocabulary; train.py shows progress on them.
 SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
     ("circle", "red", "white"), ("square", "blue", "white", 1, "left"),
@@ -681,11 +608,9 @@ SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
     ("square", "orange", "blue", 1, "right"), ("triangle", "purple", "white", 2),
     ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
 
-
 def nearest_colour(pixels, palette):
     """Index into palette (RGB triples, 0-255) of the colour nearest to each pixel [..., 3]."""
     return np.argmin(((pixels[..., None, :] - np.array(palette, np.float32)) ** 2).sum(-1), -1)
-
 
 def regions(mask):
     """Label image of the 4-connected regions of a boolean mask [H, W]: each True pixel gets the
@@ -700,12 +625,10 @@ def regions(mask):
             return labels
         labels = new
 
-
 def read_scene(image):
-    """The inverse of describe(render_scene(...)): the captioned fields of the Scene in an image
-    [S, S, 3] in [-1, 1], or None unless it shows one or two objects (regions of at least 2% of the
-    image). A shape is told by the share of its bounding box it fills (triangle 1/2, circle pi/4,
-    square 1), a position by the box's centre (jitter < 0.05, positions 0.22 apart)."""
+    """describe(render_scene(...)) inverted: the captioned Scene of [S, S, 3] in [-1, 1], or None
+    unless it shows one or two objects (regions of 2% of it). A shape is told by the share of its
+    box it fills (triangle 1/2, circle pi/4, square 1), a position by the box's centre."""
     pixels = (np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5
     S = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -720,13 +643,11 @@ def read_scene(image):
         return None
     colour = colours[np.bincount(label[np.isin(objects, big)]).argmax() - 1]  # the majority colour
     ys, xs = np.nonzero(objects == ids[sizes.argmax()])  # the largest object
-    box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = len(ys) / (box_h * box_w)
+    fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))  # of its box
     shape = "triangle" if fill < 0.64 else "circle" if fill < 0.9 else "square"
     centre = np.array([xs.min() + xs.max() + 1, ys.min() + ys.max() + 1]) / (2 * S)
     position = list(POSITIONS)[np.argmin([np.hypot(*(centre - p)) for p in POSITIONS.values()])]
     return Scene(shape, colour, background, len(big), "center" if len(big) == 2 else position)
-
 
 def faithfulness(images, captions):
     """The share of images [N, S, S, 3] (in [-1, 1]) whose read-back scene has its exact caption."""
