@@ -31,11 +31,9 @@ RELEASED = {"noise_scale": 2.0, "text_length": 256, "guidance": 5.0}
 
 # ------------------------------------------------------------------------------------------- solver
 
-
 def velocity(x0_hat, x, t, a_min):
     """The flow velocity implied by the predicted clean image; a_min keeps it finite as t -> 1."""
     return (x0_hat - x) / jnp.maximum(1.0 - t, a_min)
-
 
 def time_grid(steps, shift=1.0):
     """steps + 1 times from 0 (noise) to 1 (data): the uniform grid, moved by SD3's shift, which
@@ -43,7 +41,6 @@ def time_grid(steps, shift=1.0):
     data."""
     ts = jnp.linspace(0.0, 1.0, steps + 1)
     return ts if shift == 1.0 else ts / (ts + shift * (1.0 - ts))
-
 
 def solve(denoise, x, ts, scales, extrapolation=None, a_min=0.0):
     """Carry x from noise (ts[0] = 0) to data (ts[N] = 1), one x0 prediction a step:
@@ -66,7 +63,6 @@ def solve(denoise, x, ts, scales, extrapolation=None, a_min=0.0):
 
     return jax.lax.fori_loop(0, n, step, (x, x))[0]
 
-
 def dpm_2m_weights(ts, scales):
     """DPM-Solver++(2M) (Lu et al., 2022): x0_hat extrapolated linearly in lambda = log(t / (1 - t))
     from the step before, weight e_i = h_i / (2 h_{i-1}), h_i step i's length in lambda [N]. lambda
@@ -83,7 +79,6 @@ def dpm_2m_weights(ts, scales):
     i = jnp.arange(n)
     same_scale = jnp.concatenate([jnp.zeros(1, bool), scales[1:] == scales[:-1]])
     return jnp.where((i < n - (2 if n < 15 else 1)) & same_scale, e, 0.0)
-
 
 def guided_denoiser(params, cfg, context, mask, dtype):
     """denoise(x, t, s): the network's x0_hat for x [B, H, W, 3] under classifier-free guidance
@@ -104,9 +99,7 @@ def guided_denoiser(params, cfg, context, mask, dtype):
 
     return lambda x, t, s: jax.lax.cond(s == 1.0, lambda x, s: net(x, txt2[:B]), guided, x, s)
 
-
 SAMPLERS = ("dpm++2m", "euler")
-
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampler", "shift", "dtype"))
 def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="euler", a_min=0.05,
@@ -127,7 +120,6 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
         return solve(denoise, noise, ts, scales, a_min=a_min)
     return solve(denoise, noise, ts, scales, dpm_2m_weights(ts, scales))
 
-
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "dtype"))
 def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, dtype=jnp.float32):
     """A MeanFlow student's images from noise in `steps` jumps of the uniform grid, one network
@@ -144,10 +136,8 @@ def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, d
 
     return jax.lax.fori_loop(0, steps, jump, noise)
 
-
 # (params, T5Config, ids, mask) -> [B, L, Dt]
 encode_text = jax.jit(model.t5_encode, static_argnums=1)
-
 
 def initial_noise(keys, shape, noise_scale):
     """x at t=0 [len(keys), H, W, 3] for images of shape (H, W): noise_scale N(0, I) (the run's
@@ -155,9 +145,7 @@ def initial_noise(keys, shape, noise_scale):
     it is in."""
     return jnp.stack([noise_scale * jax.random.normal(k, (*shape, 3)) for k in keys])
 
-
 # ------------------------------------------------------------------------------------------ loading
-
 
 def is_run(path):
     """A train.py run directory: its config.json holds the model config (a Diffusers one is flat).
@@ -165,9 +153,7 @@ def is_run(path):
     config = os.path.join(path, "config.json")
     return os.path.isfile(config) and "model" in model.read_json(config)
 
-
 ARRAYS = ("params", "ema", "mu", "nu")  # a checkpoint's state trees, one safetensors file each
-
 
 def checkpoint_problem(ckpt):
     """What makes a step folder unusable (a file missing, cut short or unreadable), in one line, or
@@ -188,7 +174,6 @@ def checkpoint_problem(ckpt):
         return f"{os.path.basename(path)}: {' '.join(str(e).removeprefix(path + ': ').split())}"
     return None
 
-
 def checkpoints(run):
     """The step folders of a run, newest first, each with its checkpoint_problem."""
     root = os.path.join(run, "checkpoints")
@@ -196,7 +181,6 @@ def checkpoints(run):
     names = [d for d in names if re.fullmatch(r"step_\d+", d)]
     paths = [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d[5:]), reverse=True)]
     return [(path, checkpoint_problem(path)) for path in paths]
-
 
 def latest_checkpoint(run):
     """The newest complete checkpoint (newer ones may be damaged: a file lost or cut short by a
@@ -211,7 +195,6 @@ def latest_checkpoint(run):
         raise ValueError(f"{path} is damaged ({problem}) and no earlier checkpoint is complete: "
                          f"move {root} aside to train this run again from step 0")
     return complete[0]
-
 
 def load_denoiser(path, use_ema=True):
     """(cfg, params, settings) from a train.py run (its latest checkpoint), one of its checkpoints
@@ -246,7 +229,6 @@ def load_denoiser(path, use_ema=True):
         "noise_scale": config["recipe"].get("noise_scale", RELEASED["noise_scale"]),
         "guidance": config["recipe"]["guidance"]}
 
-
 def export_diffusers(ckpt, out, use_ema=True, t5=None):
     """A run's (or checkpoint's) weights as a Diffusers folder, out/transformer/, whose config also
     holds every setting sampling reads: the run's text length (prompt_length), noise scale, guidance
@@ -258,7 +240,6 @@ def export_diffusers(ckpt, out, use_ema=True, t5=None):
     if t5:
         extra["text_encoder"] = os.path.relpath(t5, os.path.join(out, "transformer"))
     model.save_diffusers_mmjit(out, cfg, params, settings["text_length"], extra)
-
 
 def load_text_encoder(path, cfg):
     """(T5Config, params, Tokenizer) from a Hugging Face T5 folder holding spiece.model."""
@@ -272,14 +253,11 @@ def load_text_encoder(path, cfg):
                          f"{t5cfg.vocab_size}")
     return t5cfg, t5params, tokenizer
 
-
 # ------------------------------------------------------------------------------------------- images
-
 
 def to_uint8(images):
     """[-1, 1] floats -> uint8 pixels; the only place the samples are clipped."""
     return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
-
 
 def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
     """A PIL image of images [N, H, W, 3] in [-1, 1], each with its caption (N strings) wrapped
@@ -303,7 +281,6 @@ def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
             draw.text((x, y + h * zoom + pad // 2 + j * line_h), line, fill="black", font=font)
     return grid
 
-
 def save_png(path, image, metadata):
     """One image at its own resolution, with its prompt and sampling settings as PNG text chunks."""
     info = PngInfo()
@@ -311,18 +288,14 @@ def save_png(path, image, metadata):
         info.add_text(key, str(value))
     Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
 
-
 # ---------------------------------------------------------------------------------------------- CLI
-
 
 class UsageError(Exception):
     """Bad input: one line (which flag or file, what was expected), exit code 2."""
 
-
 def require(ok, message):
     if not ok:
         raise UsageError(message)
-
 
 def checked(flag, fn, *args):
     """fn(*args); a failure to read what a flag names becomes one line that starts with the flag."""
@@ -332,7 +305,6 @@ def checked(flag, fn, *args):
         raise UsageError(f"{flag}: missing key {e} in its config") from None
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError among them
         raise UsageError(f"{flag}: {' '.join(str(e).split())}") from None
-
 
 def parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
@@ -370,7 +342,6 @@ def parser():
         "(with --t5: the T5 its config names)")
     return p
 
-
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
@@ -385,11 +356,9 @@ def main(argv=None):
         sys.stderr.write(f"sample.py: error: {e}\n")
         sys.exit(2)
 
-
 def read_lines(path):
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
-
 
 def generate(args):
     """Every (prompt, sample) pair in one list, cut into equal batches: the last is padded (its
@@ -459,7 +428,6 @@ def generate(args):
                   cols=args.n if args.n > 1 else None).save(out)
     wrote = [out, args.out_dir and f"{len(items)} images in {args.out_dir}"]
     print(f"sample.py: wrote {', '.join(filter(None, wrote))}", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

@@ -33,10 +33,8 @@ import sample
 
 # ----------------------------------------------------------------------------------------------- recipes
 
-
 def field(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
-
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -87,7 +85,6 @@ class Recipe:
                               "example, uniformly in [w_min, w_max]")
     w_max: float = field(5.0, "distillation: see --w-min")
 
-
 # Fields that may change when a run is resumed: they do not change what the run computes, but for
 # lr: a run whose loss went non-finite goes on from its last good checkpoint with a smaller one.
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
@@ -109,17 +106,13 @@ STREAMS = ("init", "step", "grid", "t5")  # random streams under the one seed: n
 FEATURE_BYTES = 4 << 30  # T5 features of a run's distinct captions kept in host memory up to this size
 GRID_PROMPTS = 8
 
-
 class UsageError(Exception):
     """Bad input from the command line: reported as one line, exit code 2."""
-
 
 def rng(seed, stream):
     return jax.random.fold_in(jax.random.key(seed), STREAMS.index(stream))
 
-
 # ------------------------------------------------------------------------------------------- objective
-
 
 def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01, dtype=jnp.float32, remat=False):
     """x-prediction trained with the v-loss, per example [B]. t: [B] in (0, 1), t = 1 is data; noise
@@ -131,12 +124,10 @@ def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01,
     v = sample.velocity(images, x_t, t, a_min)
     return jnp.mean((v_hat - v) ** 2, axis=(1, 2, 3))  # [B]
 
-
 def lr_schedule(r):
     """Linear warm-up from 1e-6 over r.warmup steps, then constant (optax's schedule with 0 steps would stay
     at 1e-6 for ever, hence the branch)."""
     return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else optax.constant_schedule(r.lr)
-
 
 def orthogonalized(g, steps=5):
     """g [m, n] with its singular values pushed to about 1 by a quintic Newton-Schulz iteration (Muon's
@@ -149,7 +140,6 @@ def orthogonalized(g, steps=5):
         s = x @ x.T
         x = a * x + (b * s + c * s @ s) @ x
     return x if wide else x.T
-
 
 def adamw_ema(state, grads, grad_norm, r):
     """AdamW (betas 0.9, 0.95, eps 1e-8; the recipe's weight decay is 0), optional global-norm clipping, then
@@ -178,7 +168,6 @@ def adamw_ema(state, grads, grad_norm, r):
     params, ema, mu, nu = jax.tree.transpose(jax.tree.structure(grads), jax.tree.structure((0,) * 4), out)
     return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
-
 def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh, update=None):
     """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
     dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
@@ -190,9 +179,7 @@ def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh, update=None):
     state, metrics = update(state, batch["images"], context, batch["mask"], cfg=cfg, r=r, mesh=mesh)
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
-
 T_BUCKETS = 4  # the loss is also told by noise level: t in [0, 1/4), ..., [3/4, 1); t = 0 is noise
-
 
 def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a
@@ -205,7 +192,6 @@ def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
     loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
     return descend(state, loss_fn, (images, context, mask, t, noise), t, r, mesh)
-
 
 def descend(state, loss_fn, batch, t, r, mesh):
     """The update from the gradient of loss_fn(params, *batch)'s mean, and the step's metrics:
@@ -220,7 +206,6 @@ def descend(state, loss_fn, batch, t, r, mesh):
                "loss_sum_by_t": jnp.zeros(T_BUCKETS).at[bucket].add(losses),
                "count_by_t": jnp.zeros(T_BUCKETS, jnp.int32).at[bucket].add(1)}
     return adamw_ema(state, grads, grad_norm, r), metrics
-
 
 def accumulated_grads(loss_fn, params, batch, n, shardings):
     """Per-example losses [B] and the mean gradient over the batch, laid out as `shardings` (the
@@ -254,16 +239,13 @@ def accumulated_grads(loss_fn, params, batch, n, shardings):
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")),
                          out_specs=(P("data"), specs))(params, batch)
 
-
 # ------------------------------------------------------------------------------------ distillation
-
 
 # A student's defaults over its preset's (flags still override them): measured on the tiny run; for
 # the paper presets, the length of the authors' branch (50K steps at batch 1024, with Muon there).
 DISTILL = {"tiny": dict(steps=100, lr=5e-4, warmup=10, ema=0.99, sample_every=50, sample_steps=4,
                         ckpt_every=50),
            "paper": dict(steps=50_000, warmup=1000, sample_steps=4)}
-
 
 def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype,
                      remat=False):
@@ -291,7 +273,6 @@ def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise
     u, du_dt = jax.jvp(u_fn, (x_t, t, s - t), (v, jnp.ones_like(t), -jnp.ones_like(t)))
     return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
 
-
 def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
     """MeanFlow's adaptively weighted loss (power 1): each example's squared error over its own,
     held fixed, so that the rare large errors of long jumps do not swamp the batch. Its value stays
@@ -299,7 +280,6 @@ def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
     u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
     err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))  # [B]
     return err / jax.lax.stop_gradient(err + 1e-3)  # [B]
-
 
 def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
     """denoiser_step's counterpart for a student: no caption drop (the teacher's guidance brings the
@@ -315,16 +295,13 @@ def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
                                                dtype=jnp.dtype(r.precision), remat=r.remat)
     return descend(state, loss_fn, (images, context, mask, t, s, w, noise), t, r, mesh)
 
-
 def distill_step(state, frozen, batch, *, cfg, t5cfg, r, mesh):
     """train_step of a student; frozen: (the T5's parameters, the teacher's)."""
     t5_params, teacher = frozen
     update = functools.partial(mean_flow_step, teacher=teacher)
     return train_step(state, t5_params, batch, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh, update=update)
 
-
 # ---------------------------------------------------------------------------------------------- sharding
-
 
 def state_shardings(mesh, state_shapes, fsdp):
     """Replicate everything, or with FSDP split each matrix along its largest axis that divides evenly
@@ -339,10 +316,8 @@ def state_shardings(mesh, state_shapes, fsdp):
 
     return jax.tree.map(spec, state_shapes)
 
-
 def make_mesh(devices):
     return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
 
 def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
     """The whole step under one jit; every array of the batch is split over the "data" axis, the state donated
@@ -356,22 +331,17 @@ def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding
 
-
 def init_state(key, cfg):
     params = model.init_mmjit(key, cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
     return {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.zeros((), jnp.int32)}
 
-
 # ------------------------------------------------------------------------------------------- checkpoints
-
 
 ARRAYS = sample.ARRAYS  # the state's trees, one safetensors file each (the step goes in state.json)
 
-
 class CheckpointError(Exception):
     """A checkpoint could not be written (disk full, quota, permissions): reported as one line, exit code 1."""
-
 
 def save_checkpoint(run, state, data_state, keep):
     """Write to a temporary directory, then rename: a kill at any moment leaves the last one
@@ -422,11 +392,9 @@ def save_checkpoint(run, state, data_state, keep):
             shutil.rmtree(os.path.join(folder, name))
     multihost_utils.sync_global_devices("checkpoint renamed")
 
-
 def write_json(path, content):
     with open(path, "w") as f:
         json.dump(content, f)
-
 
 def lay_out(path, tensors):
     """A safetensors file of `tensors` {name: array}: its header and size, the data yet to be
@@ -435,7 +403,6 @@ def lay_out(path, tensors):
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + sum(x.nbytes for x in tensors.values()))
-
 
 def write_shards(path, tensors):
     """Write the shards of `tensors` {name: global array} that this process holds, one copy of each
@@ -448,7 +415,6 @@ def write_shards(path, tensors):
                 if shard.replica_id == 0:
                     write_block(f, starts[name], x.shape, shard.index, np.asarray(shard.data))
 
-
 def write_block(f, start, shape, index, block):
     """Write block, the values at `index` (slices) of a C-order tensor of `shape` whose data begins
     at `start` in file f: one contiguous run for each index of the axes before the last one that the
@@ -460,7 +426,6 @@ def write_block(f, start, shape, index, block):
         offset = sum((s + j) * n for s, j, n in zip(starts, i + (0,) * (len(shape) - cut), strides))
         f.seek(start + offset * block.itemsize)
         f.write(block[i].tobytes())
-
 
 def restore_checkpoint(path, state_shapes, shardings):
     """The state and this process's data position: each process reads from the memory-mapped arrays
@@ -477,7 +442,6 @@ def restore_checkpoint(path, state_shapes, shardings):
     data_state = model.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
     return jax.device_put(state, shardings), data_state
 
-
 def load_init_weights(path, cfg):
     """Weights to fine-tune from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
     loaded, params, _ = sample.load_denoiser(path)
@@ -487,9 +451,7 @@ def load_init_weights(path, cfg):
         raise ValueError(f"a model of another config ({', '.join(diff)})")
     return params
 
-
 # ----------------------------------------------------------------------------------------- text encoder
-
 
 def make_tiny_text_encoder(folder, captions, seed):
     """A frozen random T5 with a sentencepiece model fitted to the run's own captions, saved in the Hugging
@@ -510,11 +472,9 @@ def make_tiny_text_encoder(folder, captions, seed):
     cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
     model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
 
-
 def fitted_text_length(tokenizer, captions):
     """The text length of a run with a fitted tokenizer: 99% of its captions whole, at least 16, a multiple of 8."""
     return min(256, max(16, -(-int(np.percentile(tokenizer.lengths(captions), 99)) // 8) * 8))
-
 
 def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
     """({caption: row}, features [N, L', Dt]) of the distinct captions, computed once in chunks of one shape (one
@@ -530,7 +490,6 @@ def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
         ids, mask = tokenizer.encode(part + [""] * (chunk - len(part)), length)
         table[i:i + len(part)] = np.asarray(sample.encode_text(t5_params, t5cfg, ids, mask))[:len(part)]
     return {c: i for i, c in enumerate(distinct)}, table
-
 
 def text_report(tokenizer, captions, r, features):
     """The start-up line on how the text encoder reads the run's captions, and warnings where it reads them badly."""
@@ -548,9 +507,7 @@ def text_report(tokenizer, captions, r, features):
                         f"{need} would hold 99% of them")
     return line, warnings, c
 
-
 # ------------------------------------------------------------------------------------------------ the run
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -587,7 +544,6 @@ def parse_args(argv):
         args.out = os.path.join("runs", args.preset.replace("/", "") + (f"-{name}" if r.data else ""))
     return args, r
 
-
 def check_recipe(r, cfg):
     """Every flag's value, before anything is read or written: one line naming the flag and what it must be."""
     if not r.t5 and cfg.txt_dim != TINY_T5["d_model"]:
@@ -618,7 +574,6 @@ def check_recipe(r, cfg):
         if path and not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file or directory")
 
-
 def check_resume(run, config, r):
     """A run directory must hold this same run (the fields in RESUMABLE may differ) that has steps left."""
     old = model.read_json(os.path.join(run, "config.json"))
@@ -644,14 +599,12 @@ def check_resume(run, config, r):
         raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger --steps to train it "
                          "further, or another --out for a new run")
 
-
 def checked(what, fn, *args):
     """fn(*args), an OSError or ValueError of it reported as one line about `what`."""
     try:
         return fn(*args)
     except (OSError, ValueError) as e:
         raise UsageError(f"{what}{' '.join(str(e).split())}") from None
-
 
 def prepare_run(run, r, fit_text_length):
     """Check everything, then make the run directory, or reopen this same run. Nothing is written before the
@@ -704,7 +657,6 @@ def prepare_run(run, r, fit_text_length):
     multihost_utils.sync_global_devices("run directory ready")
     return cfg, r, text_encoder, captions, complete, init
 
-
 def open_log(path, start):
     """log.jsonl, keeping the lines up to the step resumed from: steps logged after the checkpoint (before a
     crash) are about to be redone, and a line torn by a kill ends what is kept."""
@@ -722,7 +674,6 @@ def open_log(path, start):
     log.writelines(kept)
     return log
 
-
 def stop_requests():
     """A list that SIGINT or SIGTERM appends to: the run finishes its step, saves and exits. A second signal
     quits at once (checkpoints are written aside and renamed, so even that loses only the steps since the last)."""
@@ -738,7 +689,6 @@ def stop_requests():
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return stop
-
 
 def main(argv=None):
     args, r = parse_args(argv)
@@ -844,7 +794,6 @@ def main(argv=None):
         seconds = time.perf_counter() - began
         print(run_summary(run, start, int(state["step"]), seconds, r, by_t, score), file=sys.stderr)
 
-
 def device_batch(batch, sharding, features, stop):
     """The host batch as global arrays: with the encode-once table, the captions' T5 features in place of their
     ids; and this process's stop request as one flag per example (the step returns the maximum over all)."""
@@ -861,16 +810,13 @@ def device_batch(batch, sharding, features, stop):
         out["ids"] = batch["ids"]
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
 
-
 def write_log(log, record):
     if log:
         log.write(json.dumps(record) + "\n")
         log.flush()
 
-
 T_NAMES = [f"t {i / T_BUCKETS:.2f}-{(i + 1) / T_BUCKETS:.2f}" for i in range(T_BUCKETS)]
 T_COLOURS = [(40, 90, 200), (40, 160, 160), (220, 140, 20), (200, 40, 40)]  # from noise to data
-
 
 def log_step(log, bar, metrics, window, done, clock, r, loader):
     """One line of log.jsonl and the progress bar: this step's loss, and the mean loss of each noise
@@ -887,7 +833,6 @@ def log_step(log, bar, metrics, window, done, clock, r, loader):
     bar.set_postfix(loss=f"{m['loss']:.4f}", by_t=by_t_text, img_s=f"{m['images_per_s']:.0f}")
     write_log(log, m)
     return (now, done), by_t
-
 
 def check_finite(log, m, step, run, r):
     """Stops the run at a step whose loss or gradient is not finite, before anything of it is saved,
@@ -906,7 +851,6 @@ def check_finite(log, m, step, run, r):
     write_log(log, {"step": step, "stopped": line})
     sys.exit(f"train.py: {line}")
 
-
 def run_summary(run, start, step, seconds, r, by_t, score):
     """The end of a run in one line: what it did, how fast, where it stands, where its files are."""
     loss = ", ".join(f"{name} {'-' if x is None else f'{x:.4f}'}"
@@ -916,7 +860,6 @@ def run_summary(run, start, step, seconds, r, by_t, score):
             + loss + ("" if score is None else f"; faithfulness {score:.0%}")
             + f"; samples in {os.path.join(run, 'samples')}, checkpoints in "
             + os.path.join(run, "checkpoints"))
-
 
 def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
     """A picture of log.jsonl: the loss of each noise level against the step on a log scale (left
@@ -955,7 +898,6 @@ def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
         draw.text((left + 10 + 110 * T_BUCKETS, H - 18), "faithfulness", fill="black")
     image.save(out)
 
-
 def grid_prompts(r, captions):
     """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8 first, then
     56 more (only 8 are shown; all 64 are scored for faithfulness)."""
@@ -963,7 +905,6 @@ def grid_prompts(r, captions):
     n = GRID_PROMPTS * 7 if not r.data else min(GRID_PROMPTS, len(distinct))
     chosen = list(np.random.default_rng(r.seed).choice(distinct, n, replace=False))
     return data.SYNTHETIC_PROMPTS + chosen if not r.data else chosen
-
 
 def save_grid(run, done, params, cfg, grid, r):
     """EMA samples of the grid's prompts from the same noise every time, one grid per shape (the tallest, the
@@ -983,7 +924,6 @@ def save_grid(run, done, params, cfg, grid, r):
         if h == w and not r.data:
             score = data.faithfulness(images, grid["prompts"])
     return score
-
 
 if __name__ == "__main__":
     try:
