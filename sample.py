@@ -11,14 +11,18 @@ folders, or a Diffusers folder (released, or exported); run weights are the EMA 
 --no-ema. A released folder needs --t5, as does an export moved away from its T5."""
 import argparse
 import functools
+import json
+import math
 import os
 import re
+import shutil
 import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
@@ -145,15 +149,104 @@ def initial_noise(keys, shape, noise_scale):
     it is in."""
     return jnp.stack([noise_scale * jax.random.normal(k, (*shape, 3)) for k in keys])
 
-# ------------------------------------------------------------------------------------------ loading
-
-def is_run(path):
-    """A train.py run directory: its config.json holds the model config (a Diffusers one is flat).
-    """
-    config = os.path.join(path, "config.json")
-    return os.path.isfile(config) and "model" in model.read_json(config)
+# ------------------------------------------------------------------------------------- checkpoints
 
 ARRAYS = ("params", "ema", "mu", "nu")  # a checkpoint's state trees, one safetensors file each
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, quota, permissions): one line, exit code 1."""
+
+def save_checkpoint(run, state, data_state, keep):
+    """Written to a temporary folder, then renamed: a kill at any moment leaves the last one
+    loadable, and so does a failed write (its folder removed, CheckpointError on every process, none
+    waiting for the others). Process 0 lays out each safetensors file, then every process writes
+    the shards it holds into it: no host gathers the state. Each process writes its own data
+    position; process 0 the step, the process count and a copy of config.json, so that a step
+    folder copied out of its run still loads (shared filesystem assumed)."""
+    step, first = int(state["step"]), jax.process_index() == 0
+    folder = os.path.join(run, "checkpoints")
+    tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
+    arrays = {os.path.join(tmp, f"{k}.safetensors"): model.flatten(state[k]) for k in ARRAYS}
+
+    def attempt(writes):  # each write(path), then the same answer on every process
+        error = None
+        try:
+            for path, write in writes:
+                write(path)
+        except OSError as e:
+            error = f"{path}: {e.strerror or e}"
+        if np.any(multihost_utils.process_allgather(np.int32(error is not None))):
+            if first:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint of step {step} not saved: "
+                                  f"{error or 'another process could not write'}; the last "
+                                  "checkpoint, if any, is kept and the same command resumes from it")
+
+    fresh_dir = lambda path: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
+    counts = {"step": step, "processes": jax.process_count()}
+    attempt([(tmp, fresh_dir), *[(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()],
+             (os.path.join(tmp, "state.json"), functools.partial(write_json, content=counts)),
+             (os.path.join(tmp, "config.json"),
+              functools.partial(shutil.copy, os.path.join(run, "config.json")))] if first else [])
+    own = os.path.join(tmp, f"data_{jax.process_index()}.json")
+    attempt([(own, functools.partial(write_json, content=data_state)),
+             *[(path, functools.partial(write_shards, tensors=t)) for path, t in arrays.items()]])
+    if first:
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
+        os.replace(tmp, final)
+        names = os.listdir(folder)
+        stale = [d for d in names if d[:4] == "tmp_"]  # left by a kill before its rename
+        for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + stale:
+            shutil.rmtree(os.path.join(folder, name))
+    multihost_utils.sync_global_devices("checkpoint renamed")
+
+def write_json(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+def lay_out(path, tensors):
+    """A safetensors file of `tensors` {name: array}: its header and size, no data yet."""
+    head, _ = model.safetensors_layout(tensors)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(x.nbytes for x in tensors.values()))
+
+def write_shards(path, tensors):
+    """Into the file lay_out made: the shards of `tensors` {name: global array} that this process
+    holds, one copy of each (replica 0), one on the host at a time."""
+    _, starts = model.safetensors_layout(tensors)
+    with open(path, "r+b") as f:
+        for name, x in tensors.items():
+            for shard in x.addressable_shards:
+                if shard.replica_id == 0:
+                    write_block(f, starts[name], x.shape, shard.index, np.asarray(shard.data))
+
+def write_block(f, start, shape, index, block):
+    """block, the values at `index` (slices) of a C-order tensor of `shape` whose data begins at
+    `start` in file f: one contiguous run for each index of the axes before the last one that the
+    block cuts (a single run for a block of whole rows)."""
+    starts = [s.indices(n)[0] for s, n in zip(index, shape)]
+    cut = max([a for a in range(len(shape)) if block.shape[a] != shape[a]], default=0)
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]  # in elements
+    for i in np.ndindex(block.shape[:cut]):
+        offset = sum((s + j) * n for s, j, n in zip(starts, i + (0,) * (len(shape) - cut), strides))
+        f.seek(start + offset * block.itemsize)
+        f.write(block[i].tobytes())
+
+def restore_checkpoint(path, state_shapes, shardings):
+    """The state and this process's data position: each process reads from the memory-mapped
+    arrays only the slices that its devices hold, whatever the mesh that wrote them."""
+    state = {"step": jnp.asarray(model.read_json(os.path.join(path, "state.json"))["step"], jnp.int32)}
+    put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
+                                                    lambda i: np.asarray(x[i], t.dtype))
+    for k in ARRAYS:
+        like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state_shapes[k], shardings[k])
+        file = os.path.join(path, f"{k}.safetensors")
+        state[k] = model.unflatten_like(like, model.read_safetensors(file), file, put)
+    data_state = model.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
+    return jax.device_put(state, shardings), data_state
+
 
 def checkpoint_problem(ckpt):
     """What makes a step folder unusable (a file missing, cut short or unreadable), in one line, or
@@ -195,6 +288,15 @@ def latest_checkpoint(run):
         raise ValueError(f"{path} is damaged ({problem}) and no earlier checkpoint is complete: "
                          f"move {root} aside to train this run again from step 0")
     return complete[0]
+
+# ------------------------------------------------------------------------------------------ loading
+
+def is_run(path):
+    """A train.py run directory: its config.json holds the model config (a Diffusers one is flat).
+    """
+    config = os.path.join(path, "config.json")
+    return os.path.isfile(config) and "model" in model.read_json(config)
+
 
 def load_denoiser(path, use_ema=True):
     """(cfg, params, settings) from a train.py run (its latest checkpoint), one of its checkpoints
@@ -288,6 +390,47 @@ def save_png(path, image, metadata):
         info.add_text(key, str(value))
     Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
 
+# the loss picture's colours of the noise levels (train.T_BUCKETS), from noise to data
+T_COLOURS = [(40, 90, 200), (40, 160, 160), (220, 140, 20), (200, 40, 40)]
+
+def t_names(n):
+    return [f"t {i / n:.2f}-{(i + 1) / n:.2f}" for i in range(n)]
+
+def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
+    """A picture of log.jsonl: the loss of each noise level against the step on a log scale (left
+    axis), and the faithfulness of the grids of built-in shapes, 0 to 100% (right axis, black)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    losses = [(m["step"], i, x) for m in records for i, x in enumerate(m.get("loss_by_t", [])) if x]
+    if not losses:
+        return
+    scores = [(m["step"], m["faithfulness"]) for m in records if "faithfulness" in m]
+    (W, H), (left, top, right, bottom) = size, margin
+    last = max([s for s, _, _ in losses] + [s for s, _ in scores])
+    lo, hi = (f(np.log10([x for _, _, x in losses])) for f in (np.min, np.max))
+    lo, hi = np.floor(lo), max(np.ceil(hi), np.floor(lo) + 1)  # whole decades
+    x_of = lambda step: left + (W - left - right) * step / last
+    y_of = lambda fraction: H - bottom - (H - top - bottom) * fraction  # of the height, from below
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, W - right, H - bottom], outline="gray")
+    for decade in range(int(lo), int(hi) + 1):
+        y = y_of((decade - lo) / (hi - lo))
+        draw.line([left - 4, y, left, y], fill="gray")
+        draw.text((4, y - 6), f"1e{decade}", fill="black")
+    for fraction in (0, 0.5, 1):
+        draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
+    draw.text((left, H - bottom + 6), "0", fill="black")
+    draw.text((W - right - 40, H - bottom + 6), f"step {last}", fill="black")
+    for i, (name, colour) in enumerate(zip(t_names(len(T_COLOURS)), T_COLOURS)):
+        points = [(x_of(s), y_of((np.log10(x) - lo) / (hi - lo))) for s, j, x in losses if j == i]
+        draw.line(points + points[-1:], fill=colour, width=2)  # a lone point: a dot
+        draw.text((left + 10 + 110 * i, H - 18), name, fill=colour)
+    if scores:
+        draw.line([(x_of(s), y_of(x)) for s, x in scores + scores[-1:]], fill="black", width=2)
+        draw.text((left + 10 + 110 * len(T_COLOURS), H - 18), "faithfulness", fill="black")
+    image.save(out)
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 class UsageError(Exception):
@@ -298,13 +441,14 @@ def require(ok, message):
         raise UsageError(message)
 
 def checked(flag, fn, *args):
-    """fn(*args); a failure to read what a flag names becomes one line that starts with the flag."""
+    """fn(*args); a failure to read what a flag names becomes one line that starts with the flag
+    (none: the error names its input itself)."""
     try:
         return fn(*args)
     except KeyError as e:
         raise UsageError(f"{flag}: missing key {e} in its config") from None
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError among them
-        raise UsageError(f"{flag}: {' '.join(str(e).split())}") from None
+        raise UsageError((flag and f"{flag}: ") + " ".join(str(e).split())) from None
 
 def parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__,

@@ -11,7 +11,6 @@ import functools
 import io
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from tqdm import tqdm
 import data
 import model
 import sample
+from sample import CheckpointError, UsageError, checked
 
 # ----------------------------------------------------------------------------------------------- recipes
 
@@ -106,9 +106,6 @@ STREAMS = ("init", "step", "grid", "t5")  # random streams under the one seed: n
 FEATURE_BYTES = 4 << 30  # T5 features of a run's distinct captions kept in host memory up to this size
 GRID_PROMPTS = 8
 
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit code 2."""
-
 def rng(seed, stream):
     return jax.random.fold_in(jax.random.key(seed), STREAMS.index(stream))
 
@@ -180,6 +177,7 @@ def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh, update=None):
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
 T_BUCKETS = 4  # the loss is also told by noise level: t in [0, 1/4), ..., [3/4, 1); t = 0 is noise
+T_NAMES = sample.t_names(T_BUCKETS)
 
 def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a
@@ -335,112 +333,6 @@ def init_state(key, cfg):
     params = model.init_mmjit(key, cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
     return {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.zeros((), jnp.int32)}
-
-# ------------------------------------------------------------------------------------------- checkpoints
-
-ARRAYS = sample.ARRAYS  # the state's trees, one safetensors file each (the step goes in state.json)
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written (disk full, quota, permissions): reported as one line, exit code 1."""
-
-def save_checkpoint(run, state, data_state, keep):
-    """Write to a temporary directory, then rename: a kill at any moment leaves the last one
-    loadable, and so does a failed write (disk full, quota, permissions): its temporary directory is
-    removed and every process raises CheckpointError, none waits for the others for ever. Process 0
-    lays out each safetensors file, then every process writes the shards it holds into it: no host
-    gathers the state. Each process writes its own data position; process 0 the step, the process
-    count and a copy of config.json, so a step folder copied out of its run still loads (shared
-    filesystem assumed)."""
-    step, first = int(state["step"]), jax.process_index() == 0
-    folder = os.path.join(run, "checkpoints")
-    tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
-    arrays = {os.path.join(tmp, f"{k}.safetensors"): model.flatten(state[k]) for k in ARRAYS}
-
-    def attempt(writes):
-        """Each write(path) in turn, then the same answer on every process: did all succeed?"""
-        error = None
-        try:
-            for path, write in writes:
-                write(path)
-        except OSError as e:
-            error = f"{path}: {e.strerror or e}"
-        if np.any(multihost_utils.process_allgather(np.int32(error is not None))):
-            if first:
-                shutil.rmtree(tmp, ignore_errors=True)
-            reason = error or "another process could not write"
-            raise CheckpointError(f"checkpoint of step {step} not saved: {reason}; the last "
-                                  "checkpoint, if any, is kept and the same command resumes "
-                                  "from it")
-
-    fresh_dir = lambda path: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
-    counts = {"step": step, "processes": jax.process_count()}
-    config = functools.partial(shutil.copy, os.path.join(run, "config.json"))
-    allocate = [(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()]
-    layout = [(tmp, fresh_dir), *allocate,
-              (os.path.join(tmp, "state.json"), functools.partial(write_json, content=counts)),
-              (os.path.join(tmp, "config.json"), config)]
-    attempt(layout if first else [])
-    own = os.path.join(tmp, f"data_{jax.process_index()}.json")
-    attempt([(own, functools.partial(write_json, content=data_state)),
-             *[(path, functools.partial(write_shards, tensors=t)) for path, t in arrays.items()]])
-    if first:
-        shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
-        os.replace(tmp, final)
-        names = os.listdir(folder)
-        stale = [d for d in names if d[:4] == "tmp_"]  # left by a kill before its rename
-        for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + stale:
-            shutil.rmtree(os.path.join(folder, name))
-    multihost_utils.sync_global_devices("checkpoint renamed")
-
-def write_json(path, content):
-    with open(path, "w") as f:
-        json.dump(content, f)
-
-def lay_out(path, tensors):
-    """A safetensors file of `tensors` {name: array}: its header and size, the data yet to be
-    written."""
-    head, _ = model.safetensors_layout(tensors)
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(len(head) + sum(x.nbytes for x in tensors.values()))
-
-def write_shards(path, tensors):
-    """Write the shards of `tensors` {name: global array} that this process holds, one copy of each
-    (replica 0), into the file lay_out made for them: one shard on the host at a time, never the
-    shards of other processes."""
-    _, starts = model.safetensors_layout(tensors)
-    with open(path, "r+b") as f:
-        for name, x in tensors.items():
-            for shard in x.addressable_shards:
-                if shard.replica_id == 0:
-                    write_block(f, starts[name], x.shape, shard.index, np.asarray(shard.data))
-
-def write_block(f, start, shape, index, block):
-    """Write block, the values at `index` (slices) of a C-order tensor of `shape` whose data begins
-    at `start` in file f: one contiguous run for each index of the axes before the last one that the
-    block cuts (a single run for a block of whole rows)."""
-    starts = [s.indices(n)[0] for s, n in zip(index, shape)]
-    cut = max([a for a in range(len(shape)) if block.shape[a] != shape[a]], default=0)
-    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]  # in elements
-    for i in np.ndindex(block.shape[:cut]):
-        offset = sum((s + j) * n for s, j, n in zip(starts, i + (0,) * (len(shape) - cut), strides))
-        f.seek(start + offset * block.itemsize)
-        f.write(block[i].tobytes())
-
-def restore_checkpoint(path, state_shapes, shardings):
-    """The state and this process's data position: each process reads from the memory-mapped arrays
-    only the slices that its devices hold, whatever the mesh that wrote them."""
-    step = model.read_json(os.path.join(path, "state.json"))["step"]
-    state = {"step": jnp.asarray(step, jnp.int32)}
-    put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
-                                                    lambda i: np.asarray(x[i], t.dtype))
-    for k in ARRAYS:
-        like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state_shapes[k], shardings[k])
-        file = os.path.join(path, f"{k}.safetensors")
-        state[k] = model.unflatten_like(like, model.read_safetensors(file), file, put)
-    data_state = model.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
-    return jax.device_put(state, shardings), data_state
 
 def load_init_weights(path, cfg):
     """Weights to fine-tune from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
@@ -599,13 +491,6 @@ def check_resume(run, config, r):
         raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger --steps to train it "
                          "further, or another --out for a new run")
 
-def checked(what, fn, *args):
-    """fn(*args), an OSError or ValueError of it reported as one line about `what`."""
-    try:
-        return fn(*args)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{what}{' '.join(str(e).split())}") from None
-
 def prepare_run(run, r, fit_text_length):
     """Check everything, then make the run directory, or reopen this same run. Nothing is written before the
     checks pass, and a new run is built in RUN.partial and renamed into place: an interrupt at any moment
@@ -628,17 +513,17 @@ def prepare_run(run, r, fit_text_length):
             make_tiny_text_encoder(t5_path, captions, r.seed)
     multihost_utils.sync_global_devices("text encoder ready")
     try:
-        text_encoder = checked(f"--t5 {t5_path}: not a usable T5 folder: ", sample.load_text_encoder, t5_path, cfg)
+        text_encoder = checked(f"--t5 {t5_path}: not a usable T5 folder", sample.load_text_encoder, t5_path, cfg)
         if fit_text_length:
             r = dataclasses.replace(r, text_length=fitted_text_length(text_encoder[2], captions))
         config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5", "text_length": r.text_length,
                   "recipe": dataclasses.asdict(r)}
         if resume:
             check_resume(run, config, r)
-        init = checked(f"--init-from {r.init_from}: ", load_init_weights, r.init_from, cfg) \
+        init = checked(f"--init-from {r.init_from}", load_init_weights, r.init_from, cfg) \
             if r.init_from and not resume else None
         if r.distill_from:  # the teacher, needed by every run of a student, resumed or not
-            init = checked(f"--distill-from {r.distill_from}: ", load_init_weights, r.distill_from,
+            init = checked(f"--distill-from {r.distill_from}", load_init_weights, r.distill_from,
                            dataclasses.replace(cfg, mean_flow=False))
     except UsageError:
         if not resume:
@@ -720,7 +605,7 @@ def main(argv=None):
         for path, problem in damaged if first else []:
             print(f"train.py: {path} is damaged ({problem}); resuming from {ckpt}", file=sys.stderr)
         try:
-            state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
+            state, data_state = sample.restore_checkpoint(ckpt, state_shapes, shardings)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot resume from {ckpt}: {e}") from None
     start = int(state["step"])
@@ -776,14 +661,14 @@ def main(argv=None):
                 clock, by_t = log_step(log, bar, metrics, window, done, clock, r, loader)
                 window = []
             if saving:
-                save_checkpoint(run, state, loader.state(), r.keep)
+                sample.save_checkpoint(run, state, loader.state(), r.keep)
             if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
                 score = save_grid(run, done, state["ema"], cfg, grid, r)
                 if score is not None and first:  # the share of the 64 synthetic prompts whose sample shows it
                     bar.write(f"step {done}: faithfulness {score:.0%} of {len(prompts)} prompts")
                     write_log(log, {"step": done, "faithfulness": score})
                 if first:
-                    plot_log(os.path.join(run, "log.jsonl"), os.path.join(run, "samples/loss.png"))
+                    sample.plot_log(os.path.join(run, "log.jsonl"), os.path.join(run, "samples/loss.png"))
             if stopping:
                 print(f"train.py: stopped at step {done}; resume with the same command", file=sys.stderr)
                 break
@@ -815,8 +700,6 @@ def write_log(log, record):
         log.write(json.dumps(record) + "\n")
         log.flush()
 
-T_NAMES = [f"t {i / T_BUCKETS:.2f}-{(i + 1) / T_BUCKETS:.2f}" for i in range(T_BUCKETS)]
-T_COLOURS = [(40, 90, 200), (40, 160, 160), (220, 140, 20), (200, 40, 40)]  # from noise to data
 
 def log_step(log, bar, metrics, window, done, clock, r, loader):
     """One line of log.jsonl and the progress bar: this step's loss, and the mean loss of each noise
@@ -860,43 +743,6 @@ def run_summary(run, start, step, seconds, r, by_t, score):
             + loss + ("" if score is None else f"; faithfulness {score:.0%}")
             + f"; samples in {os.path.join(run, 'samples')}, checkpoints in "
             + os.path.join(run, "checkpoints"))
-
-def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
-    """A picture of log.jsonl: the loss of each noise level against the step on a log scale (left
-    axis), and the faithfulness of the grids of built-in shapes, 0 to 100% (right axis, black)."""
-    from PIL import Image, ImageDraw
-
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    losses = [(m["step"], i, x) for m in records for i, x in enumerate(m.get("loss_by_t", [])) if x]
-    if not losses:
-        return
-    scores = [(m["step"], m["faithfulness"]) for m in records if "faithfulness" in m]
-    (W, H), (left, top, right, bottom) = size, margin
-    last = max([s for s, _, _ in losses] + [s for s, _ in scores])
-    lo, hi = (f(np.log10([x for _, _, x in losses])) for f in (np.min, np.max))
-    lo, hi = np.floor(lo), max(np.ceil(hi), np.floor(lo) + 1)  # whole decades
-    x_of = lambda step: left + (W - left - right) * step / last
-    y_of = lambda fraction: H - bottom - (H - top - bottom) * fraction  # of the height, from below
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, W - right, H - bottom], outline="gray")
-    for decade in range(int(lo), int(hi) + 1):
-        y = y_of((decade - lo) / (hi - lo))
-        draw.line([left - 4, y, left, y], fill="gray")
-        draw.text((4, y - 6), f"1e{decade}", fill="black")
-    for fraction in (0, 0.5, 1):
-        draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
-    draw.text((left, H - bottom + 6), "0", fill="black")
-    draw.text((W - right - 40, H - bottom + 6), f"step {last}", fill="black")
-    for i, (name, colour) in enumerate(zip(T_NAMES, T_COLOURS)):
-        points = [(x_of(s), y_of((np.log10(x) - lo) / (hi - lo))) for s, j, x in losses if j == i]
-        draw.line(points + points[-1:], fill=colour, width=2)  # a lone point: a dot
-        draw.text((left + 10 + 110 * i, H - 18), name, fill=colour)
-    if scores:
-        draw.line([(x_of(s), y_of(x)) for s, x in scores + scores[-1:]], fill="black", width=2)
-        draw.text((left + 10 + 110 * T_BUCKETS, H - 18), "faithfulness", fill="black")
-    image.save(out)
 
 def grid_prompts(r, captions):
     """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8 first, then
