@@ -41,8 +41,8 @@ def velocity(x0_hat, x, t, a_min):
     return (x0_hat - x) / jnp.maximum(1.0 - t, a_min)
 
 def time_grid(steps, shift=1.0):
-    """steps + 1 times from 0 (noise) to 1 (data), uniform, moved by SD3's shift (lambda = log(t / (1 - t))
-    lowered by log(shift) everywhere: shift < 1 puts more steps near the data)."""
+    """steps + 1 times from 0 (noise) to 1 (data), uniform, moved by SD3's shift (which lowers lambda =
+    log(t / (1 - t)) by log(shift) everywhere: shift < 1 puts more steps near the data)."""
     ts = jnp.linspace(0.0, 1.0, steps + 1)
     return ts if shift == 1.0 else ts / (ts + shift * (1.0 - ts))
 
@@ -53,7 +53,7 @@ def solve(denoise, x, ts, scales, extrapolation=None, a_min=0.0):
 
     Euler's step along the velocity, and with a_min = 0 DPM-Solver++'s first-order step x' = r x +
     (1 - r) D, r = sigma_t' / sigma_t (sigma_t = 1 - t), landing on D at t' = 1. denoise(x, t, s):
-    x0_hat at guidance s, scales [N]; extrapolation [N]: the e_i (dpm_2m_weights; None: first order)."""
+    x0_hat at guidance s, scales [N]; extrapolation [N]: the e_i (dpm_2m_weights; None: Euler)."""
     n = len(ts) - 1
     e = jnp.zeros(n) if extrapolation is None else extrapolation
     w = (ts[1:] - ts[:-1]) / jnp.maximum(1.0 - ts[:-1], a_min)  # [N]: 1 - r where a_min is not hit
@@ -79,17 +79,16 @@ def dpm_2m_weights(ts, scales):
 
 def guided_denoiser(params, cfg, context, mask, dtype):
     """denoise(x, t, s): x0_hat for x [B, H, W, 3] under classifier-free guidance uncond + s (cond -
-    uncond), the unconditional branch an all-zero mask (as caption drop trains it), both one batch
-    of 2B; at s = 1 the conditional one alone. The image alone says the noise level: t is unused."""
-    B = mask.shape[0]
-    mask2, context2 = jnp.concatenate([mask, jnp.zeros_like(mask)]), jnp.concatenate([context, context])
-    txt2 = model.text_adapter(params, cfg, context2, mask2, dtype)  # [2B, L, D]
+    uncond), s a scalar or [B, 1, 1, 1], the unconditional branch an all-zero mask (as caption drop
+    trains it), both one batch of 2B; at s = 1 the conditional one alone. t is unused."""
+    B, mask2 = mask.shape[0], jnp.concatenate([mask, jnp.zeros_like(mask)])
+    txt2 = model.text_adapter(params, cfg, jnp.concatenate([context, context]), mask2, dtype)
     net = lambda x, txt: model.denoise(params, cfg, x, txt, dtype)
     def guided(x, s):
         cond, uncond = jnp.split(net(jnp.concatenate([x, x]), txt2), 2)
         return uncond + s * (cond - uncond)
     alone = lambda x, s: net(x, txt2[:B])
-    return lambda x, t, s: jax.lax.cond(jnp.all(s == 1.0), alone, guided, x, s)  # s: [] or [B,1,1,1]
+    return lambda x, t, s: jax.lax.cond(jnp.all(s == 1.0), alone, guided, x, s)
 
 SAMPLERS = ("dpm++2m", "euler")
 
@@ -122,11 +121,10 @@ def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, d
         return ratio * x + (1.0 - ratio) * x0_hat
     return jax.lax.fori_loop(0, steps, jump, noise)
 
-encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, T5Config, ids, mask) -> [B, L, Dt]
+encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, t5cfg, ids, mask) -> [B, L, Dt]
 
 def initial_noise(keys, shape, noise_scale):
-    """x at t = 0 [len(keys), H, W, 3]: noise_scale N(0, I), each image from its own key (whatever its
-    batch)."""
+    """x at t = 0 [len(keys), H, W, 3]: noise_scale N(0, I), each image from its own key."""
     return jnp.stack([noise_scale * jax.random.normal(k, (*shape, 3)) for k in keys])
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -137,9 +135,9 @@ class CheckpointError(Exception):
     """A checkpoint could not be written (disk full, permissions): one line, exit code 1."""
 
 def save_checkpoint(run, state, data_state, keep):
-    """Written aside, then renamed: a kill or a failed write (CheckpointError on every process) leaves
-    the last one loadable. Process 0 lays out each safetensors file and writes the step, the process
-    count and config.json; every process its shards (no host gathers the state) and data position."""
+    """Written aside, then renamed: a kill or a failed write (CheckpointError on every process)
+    leaves the last one loadable. Process 0 lays out each safetensors file and writes the step, the
+    process count and config.json; every process its shards (no host gathers) and data position."""
     step, first = int(state["step"]), jax.process_index() == 0
     folder = os.path.join(run, "checkpoints")
     tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
@@ -169,7 +167,7 @@ def save_checkpoint(run, state, data_state, keep):
     if first:
         shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
         os.replace(tmp, final)
-        names = os.listdir(folder)  # the old steps, and tmp_ ones left by a kill before their rename
+        names = os.listdir(folder)  # the old steps, and tmp_ ones left by a kill before a rename
         for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + [d for d in names if d[:4] == "tmp_"]:
             shutil.rmtree(os.path.join(folder, name))
     multihost_utils.sync_global_devices("checkpoint renamed")
@@ -263,9 +261,9 @@ def latest_checkpoint(run):
 # ------------------------------------------------------------------------------------------ loading
 
 def load_denoiser(path, use_ema=True):
-    """(cfg, params, settings) from a train.py run (its latest checkpoint), a checkpoint, or a Diffusers
-    folder or file. settings: the T5 folder (None where it is not there), the text length, noise scale
-    and guidance the model was trained (or released) for."""
+    """(cfg, params, settings) from a train.py run (its latest checkpoint), a checkpoint, or a
+    Diffusers folder or file. settings: the T5 folder (None where it is not there), the text length,
+    noise scale and guidance the model was trained (or released) for."""
     is_checkpoint, config = os.path.isfile(os.path.join(path, "state.json")), os.path.join(path, "config.json")
     if not (is_checkpoint or os.path.isfile(config) and "model" in model.read_json(config)):  # a run's
         cfg, params = model.load_diffusers_mmjit(path)
@@ -293,8 +291,8 @@ def load_denoiser(path, use_ema=True):
         "guidance": config["recipe"]["guidance"]}
 
 def export_diffusers(ckpt, out, use_ema=True, t5=None):
-    """A run's (or checkpoint's) weights as a Diffusers folder, out/transformer/, whose config holds the
-    settings sampling reads, and the T5 as a path relative to it (t5, else the run's)."""
+    """A run's (or checkpoint's) weights as a Diffusers folder, out/transformer/, its config holding
+    the settings sampling reads and the T5 as a path relative to it (t5, else the run's)."""
     cfg, params, settings = load_denoiser(ckpt, use_ema)
     t5, extra = t5 or settings["t5"], {"noise_scale": settings["noise_scale"], "guidance": settings["guidance"]}
     extra |= {"text_encoder": os.path.relpath(t5, os.path.join(out, "transformer"))} if t5 else {}
@@ -311,12 +309,12 @@ def load_text_encoder(path, cfg):
     return t5cfg, t5params, tokenizer
 
 def fitted_text_length(tokenizer, captions):
-    """The text length of a run with a fitted tokenizer: 99% of its captions whole, at least 16, a multiple of 8."""
+    """A fitted tokenizer's text length: 99% of the captions whole, at least 16, a multiple of 8."""
     return min(256, max(16, -(-int(np.percentile(tokenizer.lengths(captions), 99)) // 8) * 8))
 
 def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
-    """({caption: row}, features [N, L', Dt]) of the distinct captions, in chunks of one shape. L': the
-    longest caption's tokens (the encoder masks padded keys: the same features)."""
+    """({caption: row}, features [N, L', Dt]) of the distinct captions, in chunks of one shape. L':
+    the longest caption's tokens (the encoder masks padded keys: the same features)."""
     t5cfg, t5_params, tokenizer = text_encoder
     distinct = sorted(set(captions))
     length = int(min(text_length, tokenizer.lengths(distinct).max()))
@@ -329,7 +327,7 @@ def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
     return {c: i for i, c in enumerate(distinct)}, table
 
 def text_report(tokenizer, captions, r, features):
-    """The start-up line on how the text encoder reads the run's captions, and warnings where it reads them badly."""
+    """The start-up line on how the text encoder reads the captions; warnings where it reads badly."""
     c = tokenizer.coverage(captions, r.text_length)
     line = (f"text: {c['captions']} captions read, {c['unknown']:.2%} of pieces unknown, {c['cut']:.1%} cut at "
             f"{r.text_length} tokens, median {c['median_tokens']:.0f} tokens; T5 features "
@@ -378,13 +376,13 @@ def save_png(path, image, metadata):
         info.add_text(key, str(value))
     Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
 
-# ------------------------------------------------------------------------------ a run's grids and log
+# --------------------------------------------------------------------------- a run's grids and log
 
 GRID_PROMPTS = 8
 
 def grid_prompts(r, captions):
-    """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8 first, then
-    56 more (only 8 are shown; all 64 are scored for faithfulness)."""
+    """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8
+    first, then 56 more (only 8 are shown; all 64 are scored for faithfulness)."""
     distinct = sorted(set(captions) - set(data.SYNTHETIC_PROMPTS if not r.data else []))
     n = GRID_PROMPTS * 7 if not r.data else min(GRID_PROMPTS, len(distinct))
     chosen = list(np.random.default_rng(r.seed).choice(distinct, n, replace=False))
@@ -392,8 +390,8 @@ def grid_prompts(r, captions):
 
 def save_grid(run, done, params, cfg, grid, r, log, bar):
     """EMA samples from the same noise every time, one grid per shape (tallest, square, widest):
-    samples/step_NNNNNN[_WxH].png, then the loss picture. Returns (and logs), for the built-in shapes,
-    the share of the square grid's 64 samples that show their prompt."""
+    samples/step_NNNNNN[_WxH].png, then the loss picture. Returns (and logs), for the built-in
+    shapes, the share of the square grid's 64 samples that show their prompt."""
     score, first = None, jax.process_index() == 0
     sampler = mean_flow_sample if cfg.mean_flow else functools.partial(sample, sampler="dpm++2m")
     for h, w in grid["shapes"]:
@@ -412,8 +410,8 @@ def save_grid(run, done, params, cfg, grid, r, log, bar):
     return score
 
 def open_log(path, start):
-    """log.jsonl, keeping the lines up to the step resumed from (the later ones are about to be redone),
-    up to a line torn by a kill."""
+    """log.jsonl, keeping the lines up to the step resumed from (the later ones are about to be
+    redone), up to a line torn by a kill."""
     def before(line):
         try:
             return json.loads(line)["step"] <= start
@@ -490,7 +488,8 @@ def checked(flag, fn, *args):
         raise UsageError((flag and f"{flag}: ") + " ".join(str(e).split())) from None
 
 def parser():
-    p = argparse.ArgumentParser("sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--ckpt", required=True, help="a train.py run or checkpoint, or a Diffusers folder")
     add("--no-ema", action="store_true", help="a run's raw weights instead of the EMA ones")
@@ -498,13 +497,13 @@ def parser():
     add("--prompt", action="append", default=[], help="a prompt; repeat for several")
     add("--prompts-file", help="one prompt per line (blank lines skipped)")
     add("--n", type=int, default=4, help="images per prompt (default 4)")
-    add("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the run's, "
-        f"3 for tiny; {RELEASED['guidance']} for released weights)")
+    add("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the "
+        f"run's, 3 for tiny; {RELEASED['guidance']} for released weights)")
     add("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
         help="guide only the steps that start at LO <= t <= HI, t = 0 noise, t = 1 data; the "
         "others run the prompt's prediction alone, at half the cost (default 0 1: every step)")
-    add("--sampler", choices=SAMPLERS, default="dpm++2m", help="ODE solver: dpm++2m (DPM-Solver++(2M)) "
-        "or euler (the reference's); one network batch a step either way (default dpm++2m)")
+    add("--sampler", choices=SAMPLERS, default="dpm++2m", help="ODE solver: dpm++2m "
+        "(DPM-Solver++(2M)) or euler (the reference's); one network batch a step (default dpm++2m)")
     add("--steps", type=int, help="solver steps (default 20; the reference used euler with 100); "
         "a MeanFlow student's jumps (default 4)")
     add("--time-shift", type=float, default=1.0, metavar="S",
@@ -535,8 +534,8 @@ def main(argv=None):
         sys.exit(2)
 
 def generate(args):
-    """Every (prompt, sample) pair in one list, cut into equal batches (the last padded): one compiled
-    sampler serves them all."""
+    """Every (prompt, sample) pair in one list, cut into equal batches (the last padded): one
+    compiled sampler serves them all."""
     read = lambda path: [line.strip() for line in open(path) if line.strip()]
     prompts = args.prompt + (checked("--prompts-file", read, args.prompts_file) if args.prompts_file else [])
     require(prompts, "no prompts: give --prompt or --prompts-file")
@@ -566,7 +565,7 @@ def generate(args):
         if c["cut"]:
             print(f"{said} is {c['median_tokens']:.0f} tokens, cut to the model's {text_length}", file=sys.stderr)
     out = args.out or (None if args.out_dir else "grid.png")
-    for folder in filter(None, (args.out_dir, out and os.path.dirname(out))):  # now, not after the job
+    for folder in filter(None, (args.out_dir, out and os.path.dirname(out))):  # now, not at the end
         os.makedirs(folder, exist_ok=True)
     items = [(i, j) for i in range(len(prompts)) for j in range(args.n)]
     batch, grid = min(args.batch_size, len(items)), []
