@@ -8,7 +8,6 @@ Running the same command again resumes from the run directory's last checkpoint.
 import argparse
 import dataclasses
 import functools
-import io
 import itertools
 import json
 import os
@@ -109,8 +108,8 @@ def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01,
 def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype,
                      remat=False):
     """The second objective, a few-step student's (--distill-from): its average velocity u and the
-    MeanFlow target, [B, H, W, C] each, for a jump from t to s >= t (the papers' r) at guidance w
-    (t, s, w: [B]). A jump lands on x_s = x_t + (s - t) u(x_t, t, s): (s - t) u = integral_t^s v.
+    MeanFlow target [B, H, W, C] for a jump from t to s >= t (the papers' r) at guidance w (t, s, w:
+    [B]). A jump lands on x_s = x_t + (s - t) u(x_t, t, s): (s - t) u = integral_t^s v.
     Differentiating in t at fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so
         u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input):
     one jax.jvp with tangents (v, 1, -1). v: the frozen teacher's guided velocity; the target is held
@@ -127,7 +126,7 @@ def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise
     return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
 
 def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
-    """MeanFlow's adaptively weighted loss [B]: each error over itself held fixed (near 1: judge the grids)."""
+    """MeanFlow's adaptively weighted loss [B]: each error over itself, held fixed (so, near 1)."""
     u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
     err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))
     return err / jax.lax.stop_gradient(err + 1e-3)
@@ -440,9 +439,10 @@ def prepare_run(run, r, fit_text_length):
                   "recipe": dataclasses.asdict(r)}
         if resume:
             check_resume(run, config, r)
-        # a student's teacher, needed by every run of it, resumed or not; a fine-tune's start
-        flag, path = ("distill", r.distill_from) if r.distill_from else ("init", r.init_from * (not resume))
-        init = path and checked(f"--{flag}-from {path}", load_init_weights, path, dataclasses.replace(cfg, mean_flow=False))
+        # the weights to start from: a student's teacher (on every run of it), a fine-tune's (new runs)
+        flag, path = ("distill", r.distill_from) if r.distill_from else ("init", "" if resume else r.init_from)
+        init = path and checked(f"--{flag}-from {path}", load_init_weights, path,
+                                dataclasses.replace(cfg, mean_flow=False))
     except UsageError:
         if not resume:
             shutil.rmtree(folder, ignore_errors=True)
@@ -510,13 +510,11 @@ def make_tiny_text_encoder(folder, captions, seed):
     most 8192, case folded, unseen words spelled in bytes, not <unk>), in the Hugging Face layout."""
     import sentencepiece
     os.makedirs(folder, exist_ok=True)
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=buf, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, minloglevel=2)
     with open(os.path.join(folder, "spiece.model"), "wb") as f:
-        f.write(buf.getvalue())
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions), model_writer=f, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
+            byte_fallback=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1,
+            unk_id=2, bos_id=-1, minloglevel=2)
     cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
     model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
 
