@@ -529,7 +529,7 @@ SHARDS_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
-    import train
+    import sample, train
     from jax.experimental import multihost_utils
     jax.distributed.initialize(num_processes=2, process_id=int(sys.argv[3]))
     run, me = sys.argv[2], jax.process_index()
