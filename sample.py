@@ -11,71 +11,64 @@ folders, or a Diffusers folder (released, or exported); run weights are the EMA 
 --no-ema. A released folder needs --t5, as does an export moved away from its T5."""
 import argparse
 import functools
+import itertools
+import json
+import math
 import os
 import re
+import shutil
 import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+import data
 import model
 
-# A released model's settings where its config does not say: the paper's noise scale, prompt length
-# and a guidance scale for its fine-tuned weights. A train.py run's come from its config.json.
+# A released model's settings where its config does not say (a train.py run's: its config.json).
 RELEASED = {"noise_scale": 2.0, "text_length": 256, "guidance": 5.0}
 
 # ------------------------------------------------------------------------------------------- solver
-
 
 def velocity(x0_hat, x, t, a_min):
     """The flow velocity implied by the predicted clean image; a_min keeps it finite as t -> 1."""
     return (x0_hat - x) / jnp.maximum(1.0 - t, a_min)
 
-
 def time_grid(steps, shift=1.0):
-    """steps + 1 times from 0 (noise) to 1 (data): the uniform grid, moved by SD3's shift, which
-    lowers lambda = log(t / (1 - t)) by log(shift) at every time. shift < 1 puts more steps near the
-    data."""
+    """steps + 1 times from 0 (noise) to 1 (data), uniform, moved by SD3's shift (which lowers lambda =
+    log(t / (1 - t)) by log(shift) everywhere: shift < 1 puts more steps near the data)."""
     ts = jnp.linspace(0.0, 1.0, steps + 1)
     return ts if shift == 1.0 else ts / (ts + shift * (1.0 - ts))
-
 
 def solve(denoise, x, ts, scales, extrapolation=None, a_min=0.0):
     """Carry x from noise (ts[0] = 0) to data (ts[N] = 1), one x0 prediction a step:
 
         x' = x + (t' - t) / max(1 - t, a_min) (D - x),   D = x0_hat + e_i (x0_hat - x0_prev):
 
-    Euler's step along the velocity (x0_hat - x) / (1 - t), and with a_min = 0 DPM-Solver++'s
-    first-order step x' = r x + (1 - r) D, r = sigma_t' / sigma_t (alpha_t = t, sigma_t = 1 - t):
-    exact from t = 0, landing on D at t' = 1. The reference's a_min = 0.05 stops its last steps
-    short. denoise(x, t, s): x0_hat under guidance scale s, scales [N] one a step; extrapolation
-    [N]: the weights e_i (dpm_2m_weights; None: first order)."""
+    Euler's step along the velocity, and with a_min = 0 DPM-Solver++'s first-order step x' = r x +
+    (1 - r) D, r = sigma_t' / sigma_t (sigma_t = 1 - t), landing on D at t' = 1. denoise(x, t, s):
+    x0_hat at guidance s, scales [N]; extrapolation [N]: the e_i (dpm_2m_weights; None: Euler)."""
     n = len(ts) - 1
     e = jnp.zeros(n) if extrapolation is None else extrapolation
     w = (ts[1:] - ts[:-1]) / jnp.maximum(1.0 - ts[:-1], a_min)  # [N]: 1 - r where a_min is not hit
-
     def step(i, carry):
         x, x0_prev = carry
         x0_hat = denoise(x, ts[i], scales[i])
         return (1.0 - w[i]) * x + w[i] * (x0_hat + e[i] * (x0_hat - x0_prev)), x0_hat
-
     return jax.lax.fori_loop(0, n, step, (x, x))[0]
-
 
 def dpm_2m_weights(ts, scales):
     """DPM-Solver++(2M) (Lu et al., 2022): x0_hat extrapolated linearly in lambda = log(t / (1 - t))
-    from the step before, weight e_i = h_i / (2 h_{i-1}), h_i step i's length in lambda [N]. lambda
-    is infinite at t = 0 and 1: steps 0, 1 and N-1 stay first order, and only the inner times'
-    lambdas are computed. Under 15 steps step N-2 too (our rule; diffusers' lower_order_final lowers
-    only the last step): x0_hat settles faster there than the long step's extrapolation (default
-    run, guidance 3, 6 steps: RMS 0.034 instead of 0.051; README). So below 5 steps this is exactly
-    Euler. Where the guidance scale changes (--guidance-interval), x0_hat - x0_prev is the jump
-    between two fields, not curvature: that step is first order too."""
+    from the step before, e_i = h_i / (2 h_{i-1}), h_i step i's length in lambda [N]. lambda is
+    infinite at t = 0 and 1: steps 0, 1 and N-1 stay first order, and under 15 steps N-2 too (x0_hat
+    settles faster there: RMS 0.034 instead of 0.051 at 6 steps; README). A step where the guidance
+    scale changes is first order too: x0_hat - x0_prev is a jump between two fields there."""
     n = len(ts) - 1
     lam = jnp.log(ts[1:-1]) - jnp.log1p(-ts[1:-1])  # [N - 1], the inner times': all finite
     h = jnp.diff(lam)  # [N - 2]: h_1 .. h_{N-2}
@@ -84,39 +77,27 @@ def dpm_2m_weights(ts, scales):
     same_scale = jnp.concatenate([jnp.zeros(1, bool), scales[1:] == scales[:-1]])
     return jnp.where((i < n - (2 if n < 15 else 1)) & same_scale, e, 0.0)
 
-
 def guided_denoiser(params, cfg, context, mask, dtype):
-    """denoise(x, t, s): the network's x0_hat for x [B, H, W, 3] under classifier-free guidance
-    scale s, uncond + s (cond - uncond). The unconditional branch is the same prompt with an
-    all-zero mask (every token becomes mask_token, as in caption-drop training); both run as one
-    batch of 2B. At s = 1 (no guidance, or outside --guidance-interval) only the conditional batch
-    of B runs. The text adapter runs once, before the first step. The image alone says the noise
-    level: t is not used."""
-    B = mask.shape[0]
-    mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)])
-    context2 = jnp.concatenate([context, context])
-    txt2 = model.text_adapter(params, cfg, context2, mask2, dtype)  # [2B, L, D]
+    """denoise(x, t, s): x0_hat for x [B, H, W, 3] under classifier-free guidance uncond + s (cond -
+    uncond), s a scalar or [B, 1, 1, 1], the unconditional branch an all-zero mask (as caption drop
+    trains it), both one batch of 2B; at s = 1 the conditional one alone. t is unused."""
+    B, mask2 = mask.shape[0], jnp.concatenate([mask, jnp.zeros_like(mask)])
+    txt2 = model.text_adapter(params, cfg, jnp.concatenate([context, context]), mask2, dtype)
     net = lambda x, txt: model.denoise(params, cfg, x, txt, dtype)
-
     def guided(x, s):
         cond, uncond = jnp.split(net(jnp.concatenate([x, x]), txt2), 2)
         return uncond + s * (cond - uncond)
-
-    return lambda x, t, s: jax.lax.cond(s == 1.0, lambda x, s: net(x, txt2[:B]), guided, x, s)
-
+    alone = lambda x, s: net(x, txt2[:B])
+    return lambda x, t, s: jax.lax.cond(jnp.all(s == 1.0), alone, guided, x, s)
 
 SAMPLERS = ("dpm++2m", "euler")
-
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampler", "shift", "dtype"))
 def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="euler", a_min=0.05,
            guidance_interval=(0.0, 1.0), shift=1.0, dtype=jnp.float32):
-    """Images [B, H, W, 3], unclipped, from noise [B, H, W, 3] (already 2 N(0, I)) and T5 features
-    context [B, L, Dt] with mask [B, L]. Guidance applies to the steps that start at lo <= t <= hi
-    of guidance_interval. guidance, a_min and the interval are traced: changing them does not
-    recompile. a_min: Euler's clamp (dpm++2m needs none). shift: the time grid's (time_grid; 1 =
-    uniform, measured the best at guidance 3 and 5 together). dtype is the network's (the
-    integration stays float32)."""
+    """Images [B, H, W, 3], unclipped, from noise [B, H, W, 3] and T5 features context [B, L, Dt]
+    with mask [B, L]; guidance on the steps that start in guidance_interval (traced, as guidance and
+    a_min, Euler's clamp: no recompilation). shift: time_grid's (1, uniform, measured the best)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     ts = time_grid(steps, shift)
@@ -127,46 +108,115 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
         return solve(denoise, noise, ts, scales, a_min=a_min)
     return solve(denoise, noise, ts, scales, dpm_2m_weights(ts, scales))
 
-
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "dtype"))
 def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, dtype=jnp.float32):
-    """A MeanFlow student's images from noise in `steps` jumps of the uniform grid, one network
-    pass each, no unconditional branch: the guidance scale is the student's input w. A jump from t
-    to s lands on x_t + (s - t) u, u = (x0_hat - x_t) / (1 - t): dpm_solver_2m's first order."""
+    """A MeanFlow student's images in `steps` uniform jumps, one network pass each (guidance is its
+    input w): a jump from t to s lands on x_t + (s - t) u, u = (x0_hat - x_t) / (1 - t)."""
     txt = model.text_adapter(params, cfg, context, mask, dtype)
     ts, w = time_grid(steps), jnp.full(noise.shape[:1], guidance)
-
     def jump(i, x):
         h = jnp.full_like(w, ts[i + 1] - ts[i])
         x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype)
         ratio = (1.0 - ts[i + 1]) / (1.0 - ts[i])
         return ratio * x + (1.0 - ratio) * x0_hat
-
     return jax.lax.fori_loop(0, steps, jump, noise)
 
-
-# (params, T5Config, ids, mask) -> [B, L, Dt]
-encode_text = jax.jit(model.t5_encode, static_argnums=1)
-
+encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, t5cfg, ids, mask) -> [B, L, Dt]
 
 def initial_noise(keys, shape, noise_scale):
-    """x at t=0 [len(keys), H, W, 3] for images of shape (H, W): noise_scale N(0, I) (the run's
-    recipe value), each image from its own random key, so that an image never depends on the batch
-    it is in."""
+    """x at t = 0 [len(keys), H, W, 3]: noise_scale N(0, I), each image from its own key."""
     return jnp.stack([noise_scale * jax.random.normal(k, (*shape, 3)) for k in keys])
 
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def is_run(path):
-    """A train.py run directory: its config.json holds the model config (a Diffusers one is flat).
-    """
-    config = os.path.join(path, "config.json")
-    return os.path.isfile(config) and "model" in model.read_json(config)
-
+# ------------------------------------------------------------------------------------- checkpoints
 
 ARRAYS = ("params", "ema", "mu", "nu")  # a checkpoint's state trees, one safetensors file each
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, permissions): one line, exit code 1."""
+
+def save_checkpoint(run, state, data_state, keep):
+    """Written aside, then renamed: a kill or a failed write (CheckpointError on every process)
+    leaves the last one loadable. Process 0 lays out each safetensors file and writes the step, the
+    process count and config.json; every process its shards (no host gathers) and data position."""
+    step, first = int(state["step"]), jax.process_index() == 0
+    folder = os.path.join(run, "checkpoints")
+    tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
+    arrays = {os.path.join(tmp, f"{k}.safetensors"): model.flatten(state[k]) for k in ARRAYS}
+    def attempt(writes):  # each write(path), then the same answer on every process
+        error = None
+        try:
+            for path, write in writes:
+                write(path)
+        except OSError as e:
+            error = f"{path}: {e.strerror or e}"
+        if np.any(multihost_utils.process_allgather(np.int32(error is not None))):
+            if first:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint of step {step} not saved: "
+                                  f"{error or 'another process could not write'}; the last "
+                                  "checkpoint, if any, is kept and the same command resumes from it")
+    fresh_dir = lambda path: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
+    counts = {"step": step, "processes": jax.process_count()}
+    attempt([(tmp, fresh_dir), *[(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()],
+             (os.path.join(tmp, "state.json"), functools.partial(write_json, content=counts)),
+             (os.path.join(tmp, "config.json"),
+              functools.partial(shutil.copy, os.path.join(run, "config.json")))] if first else [])
+    own = os.path.join(tmp, f"data_{jax.process_index()}.json")
+    attempt([(own, functools.partial(write_json, content=data_state)),
+             *[(path, functools.partial(write_shards, tensors=t)) for path, t in arrays.items()]])
+    if first:
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
+        os.replace(tmp, final)
+        names = os.listdir(folder)  # the old steps, and tmp_ ones left by a kill before a rename
+        for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + [d for d in names if d[:4] == "tmp_"]:
+            shutil.rmtree(os.path.join(folder, name))
+    multihost_utils.sync_global_devices("checkpoint renamed")
+
+def write_json(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+def lay_out(path, tensors):
+    """A safetensors file of `tensors` {name: array}: its header and size, no data yet."""
+    head, _ = model.safetensors_layout(tensors)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(x.nbytes for x in tensors.values()))
+
+def write_shards(path, tensors):
+    """Into the file lay_out made: the shards of `tensors` {name: global array} that this process
+    holds, one copy of each (replica 0), one on the host at a time."""
+    _, starts = model.safetensors_layout(tensors)
+    with open(path, "r+b") as f:
+        for name, x in tensors.items():
+            for shard in x.addressable_shards:
+                if shard.replica_id == 0:
+                    write_block(f, starts[name], x.shape, shard.index, np.asarray(shard.data))
+
+def write_block(f, start, shape, index, block):
+    """block, the values at `index` of a C-order tensor of `shape` at `start` in file f: one run for
+    each index of the axes before the last one the block cuts."""
+    starts = [s.indices(n)[0] for s, n in zip(index, shape)]
+    cut = max([a for a in range(len(shape)) if block.shape[a] != shape[a]], default=0)
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]  # in elements
+    for i in np.ndindex(block.shape[:cut]):
+        offset = sum((s + j) * n for s, j, n in zip(starts, i + (0,) * (len(shape) - cut), strides))
+        f.seek(start + offset * block.itemsize)
+        f.write(block[i].tobytes())
+
+def restore_checkpoint(path, state_shapes, shardings):
+    """The state and this process's data position: each process reads from the memory-mapped
+    arrays only the slices that its devices hold, whatever the mesh that wrote them."""
+    state = {"step": jnp.asarray(model.read_json(os.path.join(path, "state.json"))["step"], jnp.int32)}
+    put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
+                                                    lambda i: np.asarray(x[i], t.dtype))
+    for k in ARRAYS:
+        like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state_shapes[k], shardings[k])
+        file = os.path.join(path, f"{k}.safetensors")
+        state[k] = model.unflatten_like(like, model.read_safetensors(file), file, put)
+    data_state = model.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
+    return jax.device_put(state, shardings), data_state
 
 
 def checkpoint_problem(ckpt):
@@ -188,20 +238,16 @@ def checkpoint_problem(ckpt):
         return f"{os.path.basename(path)}: {' '.join(str(e).removeprefix(path + ': ').split())}"
     return None
 
-
 def checkpoints(run):
     """The step folders of a run, newest first, each with its checkpoint_problem."""
     root = os.path.join(run, "checkpoints")
-    names = os.listdir(root) if os.path.isdir(root) else []
-    names = [d for d in names if re.fullmatch(r"step_\d+", d)]
+    names = [d for d in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_\d+", d)]
     paths = [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d[5:]), reverse=True)]
     return [(path, checkpoint_problem(path)) for path in paths]
 
-
 def latest_checkpoint(run):
-    """The newest complete checkpoint (newer ones may be damaged: a file lost or cut short by a
-    copy, a full disk). FileNotFoundError where the run has none at all; ValueError, saying how to
-    go on, where none is complete."""
+    """The newest complete checkpoint. FileNotFoundError where the run has none at all; ValueError,
+    saying how to go on, where none is complete."""
     found = checkpoints(run)
     if not found:
         raise FileNotFoundError(f"{run}: no checkpoint in {os.path.join(run, 'checkpoints')}")
@@ -212,24 +258,22 @@ def latest_checkpoint(run):
                          f"move {root} aside to train this run again from step 0")
     return complete[0]
 
+# ------------------------------------------------------------------------------------------ loading
 
 def load_denoiser(path, use_ema=True):
-    """(cfg, params, settings) from a train.py run (its latest checkpoint), one of its checkpoints
-    (copied out of its run too: each holds the run's config.json), or a Diffusers folder or file.
-    settings: the T5 folder (None where it is not there: a released model, a checkpoint away from
-    its run, an export away from its T5), the text length, noise scale and guidance the model was
-    trained (or released) for."""
-    is_checkpoint = os.path.isfile(os.path.join(path, "state.json"))
-    if not (is_checkpoint or is_run(path)):
+    """(cfg, params, settings) from a train.py run (its latest checkpoint), a checkpoint, or a
+    Diffusers folder or file. settings: the T5 folder (None where it is not there), the text length,
+    noise scale and guidance the model was trained (or released) for."""
+    is_checkpoint, config = os.path.isfile(os.path.join(path, "state.json")), os.path.join(path, "config.json")
+    if not (is_checkpoint or os.path.isfile(config) and "model" in model.read_json(config)):  # a run's
         cfg, params = model.load_diffusers_mmjit(path)
         folder = model.diffusers_folder(path)[0]
         config = model.read_json(os.path.join(folder, "config.json"))
         t5 = config.get("text_encoder")  # an export's, relative to its config; not in released ones
         t5 = t5 and os.path.join(folder, t5)
+        names = {"text_length": "prompt_length", "noise_scale": "noise_scale", "guidance": "guidance"}
         return cfg, params, {"t5": t5 if t5 and os.path.isdir(t5) else None,
-                             "text_length": config.get("prompt_length", RELEASED["text_length"]),
-                             "noise_scale": config.get("noise_scale", RELEASED["noise_scale"]),
-                             "guidance": config.get("guidance", RELEASED["guidance"])}
+                             **{k: config.get(name, RELEASED[k]) for k, name in names.items()}}
     ckpt = path if is_checkpoint else latest_checkpoint(path)
     run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))  # RUN/checkpoints/step_XXXXXXXX
     own = os.path.isfile(os.path.join(ckpt, "config.json"))
@@ -246,45 +290,67 @@ def load_denoiser(path, use_ema=True):
         "noise_scale": config["recipe"].get("noise_scale", RELEASED["noise_scale"]),
         "guidance": config["recipe"]["guidance"]}
 
-
 def export_diffusers(ckpt, out, use_ema=True, t5=None):
-    """A run's (or checkpoint's) weights as a Diffusers folder, out/transformer/, whose config also
-    holds every setting sampling reads: the run's text length (prompt_length), noise scale, guidance
-    and T5 (text_encoder: t5, else the run's, as a path relative to that config, so that no local
-    absolute path travels with the export; sampling a copy elsewhere takes --t5)."""
+    """A run's (or checkpoint's) weights as a Diffusers folder, out/transformer/, its config holding
+    the settings sampling reads and the T5 as a path relative to it (t5, else the run's)."""
     cfg, params, settings = load_denoiser(ckpt, use_ema)
-    extra = {"noise_scale": settings["noise_scale"], "guidance": settings["guidance"]}
-    t5 = t5 or settings["t5"]
-    if t5:
-        extra["text_encoder"] = os.path.relpath(t5, os.path.join(out, "transformer"))
+    t5, extra = t5 or settings["t5"], {"noise_scale": settings["noise_scale"], "guidance": settings["guidance"]}
+    extra |= {"text_encoder": os.path.relpath(t5, os.path.join(out, "transformer"))} if t5 else {}
     model.save_diffusers_mmjit(out, cfg, params, settings["text_length"], extra)
-
 
 def load_text_encoder(path, cfg):
     """(T5Config, params, Tokenizer) from a Hugging Face T5 folder holding spiece.model."""
     t5cfg, t5params = model.load_t5(path)
     if t5cfg.d_model != cfg.txt_dim:
-        raise ValueError(f"T5 width {t5cfg.d_model} does not match the checkpoint's txt_dim "
-                         f"{cfg.txt_dim}")
+        raise ValueError(f"T5 width {t5cfg.d_model} does not match the checkpoint's txt_dim {cfg.txt_dim}")
     tokenizer = model.Tokenizer(os.path.join(path, "spiece.model"))
     if tokenizer.vocab_size > t5cfg.vocab_size:
-        raise ValueError(f"{path}: spiece.model has {tokenizer.vocab_size} pieces, the T5 only "
-                         f"{t5cfg.vocab_size}")
+        raise ValueError(f"{path}: spiece.model has {tokenizer.vocab_size} pieces, the T5 only {t5cfg.vocab_size}")
     return t5cfg, t5params, tokenizer
 
+def fitted_text_length(tokenizer, captions):
+    """A fitted tokenizer's text length: 99% of the captions whole, at least 16, a multiple of 8."""
+    return min(256, max(16, -(-int(np.percentile(tokenizer.lengths(captions), 99)) // 8) * 8))
+
+def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
+    """({caption: row}, features [N, L', Dt]) of the distinct captions, in chunks of one shape. L':
+    the longest caption's tokens (the encoder masks padded keys: the same features)."""
+    t5cfg, t5_params, tokenizer = text_encoder
+    distinct = sorted(set(captions))
+    length = int(min(text_length, tokenizer.lengths(distinct).max()))
+    table = np.zeros((len(distinct), length, t5cfg.d_model), dtype)
+    for i in tqdm(range(0, len(distinct), chunk), desc="T5 features of each caption, once", unit="chunk",
+                  disable=jax.process_index() != 0):
+        part = distinct[i:i + chunk]
+        ids, mask = tokenizer.encode(part + [""] * (chunk - len(part)), length)
+        table[i:i + len(part)] = np.asarray(encode_text(t5_params, t5cfg, ids, mask))[:len(part)]
+    return {c: i for i, c in enumerate(distinct)}, table
+
+def text_report(tokenizer, captions, r, features):
+    """The start-up line on how the text encoder reads the captions; warnings where it reads badly."""
+    c = tokenizer.coverage(captions, r.text_length)
+    line = (f"text: {c['captions']} captions read, {c['unknown']:.2%} of pieces unknown, {c['cut']:.1%} cut at "
+            f"{r.text_length} tokens, median {c['median_tokens']:.0f} tokens; T5 features "
+            + (f"encoded once for {len(features[0])} distinct captions" if features else "encoded in every step"))
+    warnings = []
+    if c["unknown"] > 0.01:
+        warnings.append(f"warning: {c['unknown']:.1%} of the caption pieces are unknown to the tokenizer: those "
+                        "words all reach the model as the same <unk>")
+    if c["cut"] > 0.05:
+        need = int(np.percentile(tokenizer.lengths(captions), 99))
+        warnings.append(f"warning: {c['cut']:.0%} of the captions are cut at --text-length {r.text_length}; "
+                        f"{need} would hold 99% of them")
+    return line, warnings, c
 
 # ------------------------------------------------------------------------------------------- images
-
 
 def to_uint8(images):
     """[-1, 1] floats -> uint8 pixels; the only place the samples are clipped."""
     return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
 
-
 def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
-    """A PIL image of images [N, H, W, 3] in [-1, 1], each with its caption (N strings) wrapped
-    under it. Small images are enlarged (nearest neighbour) to at least min_cell pixels a side so
-    that captions fit."""
+    """A PIL image of images [N, H, W, 3] in [-1, 1], each with its caption under it, small ones
+    enlarged to min_cell pixels a side so that captions fit."""
     pixels = to_uint8(images)
     n, h, w = pixels.shape[:3]
     cols = cols or int(np.ceil(np.sqrt(n)))
@@ -303,7 +369,6 @@ def make_grid(images, captions, cols=None, min_cell=128, max_lines=3):
             draw.text((x, y + h * zoom + pad // 2 + j * line_h), line, fill="black", font=font)
     return grid
 
-
 def save_png(path, image, metadata):
     """One image at its own resolution, with its prompt and sampling settings as PNG text chunks."""
     info = PngInfo()
@@ -311,31 +376,119 @@ def save_png(path, image, metadata):
         info.add_text(key, str(value))
     Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
 
+# --------------------------------------------------------------------------- a run's grids and log
+
+GRID_PROMPTS = 8
+
+def grid_prompts(r, captions):
+    """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8
+    first, then 56 more (only 8 are shown; all 64 are scored for faithfulness)."""
+    distinct = sorted(set(captions) - set(data.SYNTHETIC_PROMPTS if not r.data else []))
+    n = GRID_PROMPTS * 7 if not r.data else min(GRID_PROMPTS, len(distinct))
+    chosen = list(np.random.default_rng(r.seed).choice(distinct, n, replace=False))
+    return data.SYNTHETIC_PROMPTS + chosen if not r.data else chosen
+
+def save_grid(run, done, params, cfg, grid, r, log, bar):
+    """EMA samples from the same noise every time, one grid per shape (tallest, square, widest):
+    samples/step_NNNNNN[_WxH].png, then the loss picture. Returns (and logs), for the built-in
+    shapes, the share of the square grid's 64 samples that show their prompt."""
+    score, first = None, jax.process_index() == 0
+    sampler = mean_flow_sample if cfg.mean_flow else functools.partial(sample, sampler="dpm++2m")
+    for h, w in grid["shapes"]:
+        noise = initial_noise(grid["keys"], (h, w), r.noise_scale)
+        images = np.asarray(sampler(params, cfg, grid["context"], grid["mask"], noise,
+                                    steps=r.sample_steps, guidance=r.guidance))
+        name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}") + ".png"
+        if first:
+            make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS]).save(os.path.join(run, "samples", name))
+        score = data.faithfulness(images, grid["prompts"]) if h == w and not r.data else score
+    if score is not None and first:
+        bar.write(f"step {done}: faithfulness {score:.0%} of {len(grid['prompts'])} prompts")
+        write_log(log, {"step": done, "faithfulness": score})
+    if first:
+        plot_log(os.path.join(run, "log.jsonl"), os.path.join(run, "samples/loss.png"))
+    return score
+
+def open_log(path, start):
+    """log.jsonl, keeping the lines up to the step resumed from (the later ones are about to be
+    redone), up to a line torn by a kill."""
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= start
+        except (ValueError, KeyError):
+            return False
+    kept = list(itertools.takewhile(before, open(path))) if os.path.isfile(path) else []
+    log = open(path, "w")
+    log.writelines(kept)
+    return log
+
+def write_log(log, record):
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+# the loss picture's colours of the noise levels (train.T_BUCKETS), from noise to data
+T_COLOURS = [(40, 90, 200), (40, 160, 160), (220, 140, 20), (200, 40, 40)]
+
+def t_names(n):  # the noise levels' names: "t 0.00-0.25" ...
+    return [f"t {i / n:.2f}-{(i + 1) / n:.2f}" for i in range(n)]
+
+def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
+    """A picture of log.jsonl: the loss of each noise level against the step on a log scale (left
+    axis), and the faithfulness of the grids of built-in shapes, 0 to 100% (right axis, black)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    losses = [(m["step"], i, x) for m in records for i, x in enumerate(m.get("loss_by_t", [])) if x]
+    if not losses:
+        return
+    scores = [(m["step"], m["faithfulness"]) for m in records if "faithfulness" in m]
+    (W, H), (left, top, right, bottom) = size, margin
+    last = max([s for s, _, _ in losses] + [s for s, _ in scores])
+    lo, hi = (f(np.log10([x for _, _, x in losses])) for f in (np.min, np.max))
+    lo, hi = np.floor(lo), max(np.ceil(hi), np.floor(lo) + 1)  # whole decades
+    x_of = lambda step: left + (W - left - right) * step / last
+    y_of = lambda fraction: H - bottom - (H - top - bottom) * fraction  # of the height, from below
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, W - right, H - bottom], outline="gray")
+    for decade in range(int(lo), int(hi) + 1):
+        y = y_of((decade - lo) / (hi - lo))
+        draw.line([left - 4, y, left, y], fill="gray")
+        draw.text((4, y - 6), f"1e{decade}", fill="black")
+    for fraction in (0, 0.5, 1):
+        draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
+    draw.text((left, H - bottom + 6), "0", fill="black")
+    draw.text((W - right - 40, H - bottom + 6), f"step {last}", fill="black")
+    for i, (name, colour) in enumerate(zip(t_names(len(T_COLOURS)), T_COLOURS)):
+        points = [(x_of(s), y_of((np.log10(x) - lo) / (hi - lo))) for s, j, x in losses if j == i]
+        draw.line(points + points[-1:], fill=colour, width=2)  # a lone point: a dot
+        draw.text((left + 10 + 110 * i, H - 18), name, fill=colour)
+    if scores:
+        draw.line([(x_of(s), y_of(x)) for s, x in scores + scores[-1:]], fill="black", width=2)
+        draw.text((left + 10 + 110 * len(T_COLOURS), H - 18), "faithfulness", fill="black")
+    image.save(out)
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-
 class UsageError(Exception):
     """Bad input: one line (which flag or file, what was expected), exit code 2."""
-
 
 def require(ok, message):
     if not ok:
         raise UsageError(message)
 
-
 def checked(flag, fn, *args):
-    """fn(*args); a failure to read what a flag names becomes one line that starts with the flag."""
+    """fn(*args); a failure to read what a flag names becomes one line that starts with the flag
+    (none: the error names its input itself)."""
     try:
         return fn(*args)
     except KeyError as e:
         raise UsageError(f"{flag}: missing key {e} in its config") from None
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError among them
-        raise UsageError(f"{flag}: {' '.join(str(e).split())}") from None
-
+        raise UsageError((flag and f"{flag}: ") + " ".join(str(e).split())) from None
 
 def parser():
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+    p = argparse.ArgumentParser("sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--ckpt", required=True, help="a train.py run or checkpoint, or a Diffusers folder")
@@ -345,13 +498,12 @@ def parser():
     add("--prompts-file", help="one prompt per line (blank lines skipped)")
     add("--n", type=int, default=4, help="images per prompt (default 4)")
     add("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the "
-        f"run's recipe, 3 for tiny; {RELEASED['guidance']} for released weights)")
+        f"run's, 3 for tiny; {RELEASED['guidance']} for released weights)")
     add("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
         help="guide only the steps that start at LO <= t <= HI, t = 0 noise, t = 1 data; the "
         "others run the prompt's prediction alone, at half the cost (default 0 1: every step)")
-    add("--sampler", choices=SAMPLERS, default="dpm++2m",
-        help="ODE solver: dpm++2m (DPM-Solver++(2M), second order) or euler (the reference's); one "
-        "network batch a step either way (default dpm++2m)")
+    add("--sampler", choices=SAMPLERS, default="dpm++2m", help="ODE solver: dpm++2m "
+        "(DPM-Solver++(2M)) or euler (the reference's); one network batch a step (default dpm++2m)")
     add("--steps", type=int, help="solver steps (default 20; the reference used euler with 100); "
         "a MeanFlow student's jumps (default 4)")
     add("--time-shift", type=float, default=1.0, metavar="S",
@@ -359,17 +511,13 @@ def parser():
         "steps near the data, S > 1 near the noise (default 1: uniform)")
     add("--seed", type=int, default=0, help="image k (prompt-major) starts from seed + k and its "
         "PNG records that seed, so --n 1 --seed S reproduces it alone (default 0)")
-    add("--batch-size", type=int, default=8,
-        help="images per network batch, x2 for guided steps (default 8)")
-    add("--width", type=int, help="image width, a multiple of the patch size (default: the model's "
-        "training size)")
+    add("--batch-size", type=int, default=8, help="images per network batch, x2 guided (default 8)")
+    add("--width", type=int, help="image width, a multiple of the patch size (default: training's)")
     add("--height", type=int, help="image height, likewise")
     add("--out", help="grid PNG (default grid.png, or none when only --out-dir is given)")
     add("--out-dir", help="also write one PNG per image here, with its prompt and seed")
-    add("--export-diffusers", metavar="DIR", help="write the weights as a Diffusers folder instead "
-        "(with --t5: the T5 its config names)")
+    add("--export-diffusers", metavar="DIR", help="write the weights as a Diffusers folder instead")
     return p
-
 
 def main(argv=None):
     args = parser().parse_args(argv)
@@ -385,22 +533,15 @@ def main(argv=None):
         sys.stderr.write(f"sample.py: error: {e}\n")
         sys.exit(2)
 
-
-def read_lines(path):
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
 def generate(args):
-    """Every (prompt, sample) pair in one list, cut into equal batches: the last is padded (its
-    padding then dropped) so that one compiled sampler serves them all."""
-    prompts = args.prompt + (checked("--prompts-file", read_lines, args.prompts_file)
-                             if args.prompts_file else [])
+    """Every (prompt, sample) pair in one list, cut into equal batches (the last padded): one
+    compiled sampler serves them all."""
+    read = lambda path: [line.strip() for line in open(path) if line.strip()]
+    prompts = args.prompt + (checked("--prompts-file", read, args.prompts_file) if args.prompts_file else [])
     require(prompts, "no prompts: give --prompt or --prompts-file")
     for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
         require(value is None or value >= 1, f"{flag} must be at least 1, got {value}")
-    require(args.guidance is None or args.guidance >= 0,
-            f"--guidance must be >= 0, got {args.guidance}")
+    require(args.guidance is None or args.guidance >= 0, f"--guidance must be >= 0, got {args.guidance}")
     require(args.time_shift > 0, f"--time-shift must be > 0, got {args.time_shift}")
     require(os.path.exists(args.ckpt), f"--ckpt {args.ckpt}: no such file or directory")
     ckpt = f"--ckpt {args.ckpt}"
@@ -417,23 +558,18 @@ def generate(args):
     text_length = settings["text_length"]
     guidance = settings["guidance"] if args.guidance is None else args.guidance
     for i, prompt in enumerate(prompts):  # a prompt the model cannot read in full is said
-        c = tokenizer.coverage([prompt], text_length)
-        quoted = repr(prompt if len(prompt) < 60 else prompt[:57] + "...")
+        c, said = tokenizer.coverage([prompt], text_length), f"sample.py: warning: prompt {i + 1} "
+        said += repr(prompt if len(prompt) < 60 else prompt[:57] + "...")
         if c["unknown"]:
-            print(f"sample.py: warning: prompt {i + 1} {quoted} has words the tokenizer reads as "
-                  "<unk>", file=sys.stderr)
+            print(f"{said} has words the tokenizer reads as <unk>", file=sys.stderr)
         if c["cut"]:
-            print(f"sample.py: warning: prompt {i + 1} {quoted} is {c['median_tokens']:.0f} "
-                  f"tokens, cut to the model's {text_length}", file=sys.stderr)
+            print(f"{said} is {c['median_tokens']:.0f} tokens, cut to the model's {text_length}", file=sys.stderr)
     out = args.out or (None if args.out_dir else "grid.png")
-    for folder in (args.out_dir, out and os.path.dirname(out)):
-        if folder:  # made now, not found missing after the whole job
-            os.makedirs(folder, exist_ok=True)
-
+    for folder in filter(None, (args.out_dir, out and os.path.dirname(out))):  # now, not at the end
+        os.makedirs(folder, exist_ok=True)
     items = [(i, j) for i in range(len(prompts)) for j in range(args.n)]
     batch, grid = min(args.batch_size, len(items)), []
-    desc = f"{args.sampler}, {steps} steps a batch"
-    for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(items), batch), desc=f"{args.sampler}, {steps} steps a batch", unit="batch"):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)),
                                      text_length)
@@ -448,10 +584,9 @@ def generate(args):
                             guidance_interval=tuple(args.guidance_interval))
         images = np.asarray(images)[:len(chunk)]
         for k, ((i, j), image) in enumerate(zip(chunk, images) if args.out_dir else []):
-            save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image,
-                     {"prompt": prompts[i], "seed": args.seed + start + k, "steps": steps,
-                      "guidance": guidance, "sampler": args.sampler, "width": shape[1],
-                      "height": shape[0]})
+            save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image, {
+                "prompt": prompts[i], "seed": args.seed + start + k, "steps": steps, "guidance": guidance,
+                "sampler": args.sampler, "width": shape[1], "height": shape[0]})
         if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing
             grid.append(images)
     if out:  # one row per prompt, the prompt under each of its images (one image each: a square)
@@ -459,7 +594,6 @@ def generate(args):
                   cols=args.n if args.n > 1 else None).save(out)
     wrote = [out, args.out_dir and f"{len(items)} images in {args.out_dir}"]
     print(f"sample.py: wrote {', '.join(filter(None, wrote))}", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

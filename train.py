@@ -8,10 +8,8 @@ Running the same command again resumes from the run directory's last checkpoint.
 import argparse
 import dataclasses
 import functools
-import io
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -30,21 +28,19 @@ from tqdm import tqdm
 import data
 import model
 import sample
+from sample import CheckpointError, UsageError, checked
 
 # ----------------------------------------------------------------------------------------------- recipes
 
-
 def field(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
-
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every field is a command-line flag (`--batch-size`); its help is the text here."""
     model: str = field("tiny", "MM-JiT size, a key of model.PRESETS: tiny, B/32, B/16 or L/16")
     image_size: int = field(32, "training resolution in pixels, a multiple of the patch size")
-    multi_aspect: bool = field(False, "aspect-ratio buckets from 1:2 to 2:1 of about image_size^2 pixels "
-                                      "(data.aspect_buckets), one shape per batch; off: square center crops")
+    multi_aspect: bool = field(False, "aspect buckets 1:2 to 2:1 of ~image_size^2 pixels; off: square crops")
     batch_size: int = field(32, "global batch, over all devices and hosts")
     steps: int = field(480, "total training steps; raise it to train a finished run further")
     lr: float = field(1e-3, "learning rate after the warm-up")
@@ -53,23 +49,18 @@ class Recipe:
     ema: float = field(0.995, "EMA decay of the weights that are sampled and saved as ema")
     ema_warmup: bool = field(True, "decay min(ema, (1+s)/(10+s)), which lets a short run's EMA catch up")
     clip: float = field(0.0, "global-norm gradient clipping; 0 = off, as in the original")
-    t5: str = field("", "a Hugging Face FLAN-T5 folder; none = a small random frozen T5 with a tokenizer "
-                        "fitted to the run's captions (tiny runs)")
-    text_length: int = field(16, "tokens per caption with </s>; a run with the fitted tokenizer takes, unless "
-                                 "given, the length that holds 99%% of its captions (at least 16)")
-    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: .tar shards, a brace pattern of them, an image folder, "
-                            "a .jsonl manifest or 'synthetic' (the default: built-in captioned shapes)")
+    t5: str = field("", "a Hugging Face FLAN-T5 folder; none = a random tiny T5, tokenizer fitted to the captions")
+    text_length: int = field(16, "tokens per caption with </s> (a fitted tokenizer's run: 99%% of its captions)")
+    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: .tar shards (a brace pattern), a folder, .jsonl, 'synthetic'")
     caption_drop: float = field(0.1, "share of captions dropped (all mask_token) for classifier-free guidance")
     t_mu: float = field(-0.8, "centre of the logit-normal t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
     t_sigma: float = field(0.8, "spread of the logit-normal t (see --t-mu)")
     noise_scale: float = field(2.0, "x at t = 0 is noise_scale N(0, I), in training and in sampling")
     a_min: float = field(0.01, "the v-loss divides by max(1 - t, a_min)")
-    precision: str = field("float32", "denoiser compute dtype, float32 or bfloat16 (weights, optimiser and "
-                                      "the frozen T5 stay float32)")
+    precision: str = field("float32", "denoiser compute dtype, float32 or bfloat16 (T5, weights: float32)")
     remat: bool = field(False, "recompute each block's activations in the backward pass (less memory)")
     fsdp: bool = field(False, "shard parameters and optimiser state over the data axis too")
-    grad_accum: int = field(1, "micro-batches per step, run one after another inside it: the same update, "
-                               "the activations of one micro-batch at a time")
+    grad_accum: int = field(1, "micro-batches a step, one after another: the same update, less memory")
     seed: int = field(0, "one seed for initialisation, step noise, sample-grid noise and data order")
     log_every: int = field(50, "steps between lines of log.jsonl")
     sample_every: int = field(160, "steps between sample grids in samples/; 0 = none")
@@ -78,52 +69,35 @@ class Recipe:
     ckpt_every: int = field(240, "steps between checkpoints (one is also written at the end and on a stop)")
     keep: int = field(3, "checkpoints kept")
     init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
-    distill_from: str = field("", "distil a train.py run or checkpoint (its EMA, frozen) into a "
-                                  "few-step MeanFlow student that starts from it; the defaults "
-                                  "become DISTILL's")
-    r_equals_t: float = field(0.5, "distillation: share of examples with no jump (r = t): guidance "
-                                   "distillation")
-    w_min: float = field(1.0, "distillation: the guidance scale w the student learns is drawn per "
-                              "example, uniformly in [w_min, w_max]")
+    distill_from: str = field("", "distil a run or checkpoint (its EMA) into a few-step MeanFlow student")
+    r_equals_t: float = field(0.5, "distillation: share of examples with no jump (r = t)")
+    w_min: float = field(1.0, "distillation: the student learns guidance scales w in [w_min, w_max]")
     w_max: float = field(5.0, "distillation: see --w-min")
 
-
-# Fields that may change when a run is resumed: they do not change what the run computes, but for
-# lr: a run whose loss went non-finite goes on from its last good checkpoint with a smaller one.
+# Fields a resumed run may change: not what it computes (lr: to go on after a loss went non-finite).
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
              "grad_accum", "lr"}
 PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256,
              log_every=100, sample_every=5000, ckpt_every=5000, muon=False)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
 FINETUNE = PAPER | dict(lr=4e-5, steps=40_000, warmup=1000, guidance=5.0)
-RECIPES = {
-    "tiny": Recipe(),
-    "b32-pretrain": Recipe(model="B/32", **PRETRAIN),
-    "b16-pretrain": Recipe(model="B/16", **PRETRAIN),
-    "b16-finetune": Recipe(model="B/16", **FINETUNE),
-    "l16-pretrain": Recipe(model="L/16", **PRETRAIN),
-    "l16-finetune": Recipe(model="L/16", **FINETUNE),
-}
+RECIPES = {"tiny": Recipe(), "b32-pretrain": Recipe(model="B/32", **PRETRAIN),
+           "b16-pretrain": Recipe(model="B/16", **PRETRAIN), "b16-finetune": Recipe(model="B/16", **FINETUNE),
+           "l16-pretrain": Recipe(model="L/16", **PRETRAIN), "l16-finetune": Recipe(model="L/16", **FINETUNE)}
+# A student's defaults over its preset's: measured on tiny; for the paper's, the authors' branch.
+DISTILL = {"tiny": dict(steps=100, lr=5e-4, warmup=10, ema=0.99, sample_every=50, sample_steps=4, ckpt_every=50),
+           "paper": dict(steps=50_000, warmup=1000, sample_steps=4)}
 TINY_T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2)  # the random T5 of runs without --t5
 STREAMS = ("init", "step", "grid", "t5")  # random streams under the one seed: none shares bits with another
 FEATURE_BYTES = 4 << 30  # T5 features of a run's distinct captions kept in host memory up to this size
-GRID_PROMPTS = 8
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit code 2."""
-
 
 def rng(seed, stream):
     return jax.random.fold_in(jax.random.key(seed), STREAMS.index(stream))
 
-
 # ------------------------------------------------------------------------------------------- objective
 
-
 def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01, dtype=jnp.float32, remat=False):
-    """x-prediction trained with the v-loss, per example [B]. t: [B] in (0, 1), t = 1 is data; noise
-    already scaled."""
+    """x-prediction trained with the v-loss, per example [B]. t: [B], t = 1 is data; noise scaled."""
     t = t[:, None, None, None]
     x_t = t * images + (1 - t) * noise
     x0_hat = model.mmjit_apply(params, cfg, x_t, context, mask, dtype, remat)
@@ -131,16 +105,40 @@ def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01,
     v = sample.velocity(images, x_t, t, a_min)
     return jnp.mean((v_hat - v) ** 2, axis=(1, 2, 3))  # [B]
 
+def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype,
+                     remat=False):
+    """The second objective, a few-step student's (--distill-from): its average velocity u and the
+    MeanFlow target [B, H, W, C] for a jump from t to s >= t (the papers' r) at guidance w (t, s, w:
+    [B]). A jump lands on x_s = x_t + (s - t) u(x_t, t, s): (s - t) u = integral_t^s v.
+    Differentiating in t at fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so
+        u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input):
+    one jax.jvp with tangents (v, 1, -1). v: the frozen teacher's guided velocity; the target is held
+    fixed; at s = t it is v itself: guidance distillation."""
+    expand = lambda a: a[:, None, None, None]
+    x_t = expand(t) * images + expand(1 - t) * noise
+    guided = sample.guided_denoiser(teacher, cfg, context, mask, dtype)
+    v = sample.velocity(guided(x_t, t, expand(w)), x_t, expand(t), a_min)
+    txt = model.text_adapter(params, cfg, context, mask, dtype, remat)
+    def u_fn(x, t, h):
+        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype, remat)
+        return sample.velocity(x0_hat, x, expand(t), a_min)
+    u, du_dt = jax.jvp(u_fn, (x_t, t, s - t), (v, jnp.ones_like(t), -jnp.ones_like(t)))
+    return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
+
+def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
+    """MeanFlow's adaptively weighted loss [B]: each error over itself, held fixed (so, near 1)."""
+    u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
+    err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))
+    return err / jax.lax.stop_gradient(err + 1e-3)
+
+# ---------------------------------------------------------------------------------------------- update
 
 def lr_schedule(r):
-    """Linear warm-up from 1e-6 over r.warmup steps, then constant (optax's schedule with 0 steps would stay
-    at 1e-6 for ever, hence the branch)."""
+    """Linear warm-up from 1e-6, then constant (optax's with 0 steps would stay at 1e-6 for ever)."""
     return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else optax.constant_schedule(r.lr)
 
-
 def orthogonalized(g, steps=5):
-    """g [m, n] with its singular values pushed to about 1 by a quintic Newton-Schulz iteration (Muon's
-    coefficients, which trade exactness for speed: the values land in about [0.7, 1.2])."""
+    """g [m, n], its singular values pushed to about [0.7, 1.2] by Muon's quintic Newton-Schulz."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g / (jnp.linalg.norm(g) + 1e-8)  # every singular value below 1: inside the iteration's basin
     wide = x.shape[0] <= x.shape[1]
@@ -150,18 +148,14 @@ def orthogonalized(g, steps=5):
         x = a * x + (b * s + c * s @ s) @ x
     return x if wide else x.T
 
-
 def adamw_ema(state, grads, grad_norm, r):
-    """AdamW (betas 0.9, 0.95, eps 1e-8; the recipe's weight decay is 0), optional global-norm clipping, then
-    the EMA. Written as one elementwise function of each tensor, which XLA fuses into a few loops: half the
-    time of optax's chain of transforms (110 against 215 ms a step for the 72M-parameter CPU benchmark).
-    With r.muon, the blocks' weight matrices take Muon's step instead (Nesterov momentum 0.95, orthogonalized,
-    scaled to AdamW's typical update size so that one --lr serves both); their nu stays 0."""
+    """AdamW (betas 0.9, 0.95, no weight decay), clipping, then the EMA, as one elementwise function of
+    each tensor that XLA fuses (half optax's time). With r.muon the blocks' matrices take Muon's step
+    (Nesterov 0.95, orthogonalized, scaled to AdamW's update size: one --lr for both; nu stays 0)."""
     step, b1, b2 = state["step"], 0.9, 0.95
     lr, count = lr_schedule(r)(step), step + 1.0
     scale = jnp.minimum(1.0, r.clip / grad_norm) if r.clip else 1.0
     decay = jnp.minimum(r.ema, (1.0 + step) / (10.0 + step)) if r.ema_warmup else r.ema
-
     def update(path, p, ema, mu, nu, g):
         g = g * scale
         if r.muon and p.ndim == 2 and "blocks" in jax.tree_util.keystr(path):  # not the embedders, final layer
@@ -172,32 +166,26 @@ def adamw_ema(state, grads, grad_norm, r):
             mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
             p = p - lr * (mu / (1 - b1**count)) / (jnp.sqrt(nu / (1 - b2**count)) + 1e-8)
         return p, decay * ema + (1 - decay) * p, mu, nu
-
-    trees = state["params"], state["ema"], state["mu"], state["nu"], grads
-    out = jax.tree_util.tree_map_with_path(update, *trees)
+    out = jax.tree_util.tree_map_with_path(update, *[state[k] for k in ("params", "ema", "mu", "nu")], grads)
     params, ema, mu, nu = jax.tree.transpose(jax.tree.structure(grads), jax.tree.structure((0,) * 4), out)
     return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
+# ------------------------------------------------------------------------------------------------ step
 
-def train_step(state, t5_params, batch, *, cfg, t5cfg, r, mesh, update=None):
-    """One update from a batch: the frozen T5's features of its token ids (in float32 whatever the compute
-    dtype, as in sampling), unless the batch brings them ("context": the encode-once path), then
-    denoiser_step. A batch's "stop" flags (a process asked to stop sets its examples') come back as one global
-    maximum, so that every process takes the same decision at the same step. update: the
-    distillation's mean_flow_step in place of denoiser_step."""
+def train_step(state, frozen, batch, *, cfg, t5cfg, r, mesh):
+    """One update: the frozen T5's features of the batch's ids unless it brings them (encode-once), then
+    denoiser_step or a student's mean_flow_step; the maximum "stop" flag: all stop at the same step."""
+    t5_params, teacher = frozen if r.distill_from else (frozen, None)
     context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
-    update = update or denoiser_step
+    update = functools.partial(mean_flow_step, teacher=teacher) if r.distill_from else denoiser_step
     state, metrics = update(state, batch["images"], context, batch["mask"], cfg=cfg, r=r, mesh=mesh)
     return state, metrics | ({"stop": jnp.max(batch["stop"])} if "stop" in batch else {})
 
-
 T_BUCKETS = 4  # the loss is also told by noise level: t in [0, 1/4), ..., [3/4, 1); t = 0 is noise
-
+T_NAMES = sample.t_names(T_BUCKETS)
 
 def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
-    """Caption drop, t and noise, v-loss, AdamW, EMA. The RNG is a function of the step alone, so a
-    resumed run draws exactly what an uninterrupted one would; it draws for the whole batch, so an
-    example's draws depend on neither --grad-accum nor the device count."""
+    """Caption drop, t, noise, v-loss, update; draws by the step alone (exact resumes), batch-wide."""
     step, B = state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
     mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
@@ -206,11 +194,20 @@ def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
     return descend(state, loss_fn, (images, context, mask, t, noise), t, r, mesh)
 
+def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
+    """A student's step: (t, s) sorted uniform times, s = t for a share r_equals_t; w uniform in
+    [w_min, w_max]; no caption drop (the teacher's guidance has the unconditional branch)."""
+    B, keys = images.shape[0], jax.random.split(jax.random.fold_in(rng(r.seed, "step"), state["step"]), 4)
+    t, s = jnp.sort(jax.random.uniform(keys[0], (2, B)), axis=0)
+    s = jnp.where(jax.random.uniform(keys[1], (B,)) < r.r_equals_t, t, s)
+    w = jax.random.uniform(keys[2], (B,), minval=r.w_min, maxval=r.w_max)
+    noise = r.noise_scale * jax.random.normal(keys[3], images.shape)
+    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, *batch, a_min=r.a_min,
+                                               dtype=jnp.dtype(r.precision), remat=r.remat)
+    return descend(state, loss_fn, (images, context, mask, t, s, w, noise), t, r, mesh)
 
 def descend(state, loss_fn, batch, t, r, mesh):
-    """The update from the gradient of loss_fn(params, *batch)'s mean, and the step's metrics:
-    besides the loss, its sum and the number of examples in each t bucket, which the loop adds up
-    between log lines."""
+    """The update from loss_fn's mean's gradient, and the metrics (the loss also summed by t bucket)."""
     params = state["params"]
     losses, grads = accumulated_grads(loss_fn, params, batch, r.grad_accum,
                                       state_shardings(mesh, params, r.fsdp))
@@ -221,336 +218,118 @@ def descend(state, loss_fn, batch, t, r, mesh):
                "count_by_t": jnp.zeros(T_BUCKETS, jnp.int32).at[bucket].add(1)}
     return adamw_ema(state, grads, grad_norm, r), metrics
 
-
 def accumulated_grads(loss_fn, params, batch, n, shardings):
-    """Per-example losses [B] and the mean gradient over the batch, laid out as `shardings` (the
-    state's). Each device runs its own rows as n equal micro-batches one after another (a scan: one
-    compiled body) and adds up their gradients locally; one reduction per tensor after the last
-    micro-batch (a reduce-scatter onto the tensor's shard under FSDP) moves the gradient once a
-    step whatever n. Left to XLA, the sum over devices sat inside the scan: n times the bytes."""
+    """Per-example losses [B] and the mean gradient, laid out as `shardings`. Each device adds up its
+    n micro-batches' gradients in a scan; one reduction per tensor after it (a reduce-scatter under
+    FSDP) moves the gradient once a step (left to XLA, it ran inside the scan: n times the bytes)."""
     mesh = jax.tree.leaves(shardings)[0].mesh
     specs = jax.tree.map(lambda s: s.spec, shardings)
-
     def reduce(g, spec):  # the mean over all devices' micro-batches, onto this device's part
         g = g / (n * jax.lax.axis_size("data"))
         axes = [i for i, name in enumerate(spec) if name == "data"]
         if axes:
             return jax.lax.psum_scatter(g, "data", scatter_dimension=axes[0], tiled=True)
         return jax.lax.psum(g, "data")
-
     def local(params, batch):  # on one device: the whole params, its B/D rows of the batch
         params = jax.lax.pcast(params, "data", to="varying")  # its own gradient: no implicit sum
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1),
                              batch)  # [n, B/D/n, ...]: micro-batch i holds rows i, i + n, ...
-
         def add(total, xs):
             losses, grads = jax.vjp(lambda p: loss_fn(p, *xs), params)
             (grads,) = grads(jnp.full_like(losses, 1 / len(losses)))  # of the micro-batch's mean
             return jax.tree.map(jnp.add, total, grads), losses
-
         total, losses = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), micro)  # [n, B/D/n]
         return losses.swapaxes(0, 1).reshape(-1), jax.tree.map(reduce, total, specs)
-
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")),
                          out_specs=(P("data"), specs))(params, batch)
 
-
-# ------------------------------------------------------------------------------------ distillation
-
-
-# A student's defaults over its preset's (flags still override them): measured on the tiny run; for
-# the paper presets, the length of the authors' branch (50K steps at batch 1024, with Muon there).
-DISTILL = {"tiny": dict(steps=100, lr=5e-4, warmup=10, ema=0.99, sample_every=50, sample_steps=4,
-                        ckpt_every=50),
-           "paper": dict(steps=50_000, warmup=1000, sample_steps=4)}
-
-
-def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise, a_min, dtype,
-                     remat=False):
-    """The student's average velocity u and its MeanFlow target, [B, H, W, C] each, for a jump
-    from t to s >= t (the papers' r) at guidance w (t, s, w: [B]).
-
-    In this code's time (t = 1 data, t = 0 noise, sampling runs t upward) a jump lands on
-    x_s = x_t + (s - t) u(x_t, t, s), u the average velocity: (s - t) u = integral_t^s v dtau.
-    Differentiating in t at fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so
-        u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input):
-    one jax.jvp through the student with tangents (v, 1, -1). (The papers, t = 0 data and r < t,
-    write u = v - (t - r) du/dt.) v is the frozen teacher's guided velocity at x_t; the target is
-    held fixed (stop-gradient); at s = t it is v itself: guidance distillation. u comes from the
-    student's x0 as v from the teacher's (sample.velocity): at h = 0 it is a guided teacher."""
-    expand = lambda a: a[:, None, None, None]
-    x_t = expand(t) * images + expand(1 - t) * noise
-    guided = sample.guided_denoiser(teacher, cfg, context, mask, expand(w), (0.0, 1.0), dtype)
-    v = sample.velocity(guided(x_t, expand(t)), x_t, expand(t), a_min)
-    txt = model.text_adapter(params, cfg, context, mask, dtype, remat)
-
-    def u_fn(x, t, h):
-        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype, remat)
-        return sample.velocity(x0_hat, x, expand(t), a_min)
-
-    u, du_dt = jax.jvp(u_fn, (x_t, t, s - t), (v, jnp.ones_like(t), -jnp.ones_like(t)))
-    return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
-
-
-def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
-    """MeanFlow's adaptively weighted loss (power 1): each example's squared error over its own,
-    held fixed, so that the rare large errors of long jumps do not swamp the batch. Its value stays
-    near 1 whatever the samples' quality: judge the grids' faithfulness instead."""
-    u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
-    err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))  # [B]
-    return err / jax.lax.stop_gradient(err + 1e-3)  # [B]
-
-
-def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
-    """denoiser_step's counterpart for a student: no caption drop (the teacher's guidance brings the
-    unconditional branch); (t, s) two sorted uniform times, s = t for a share r_equals_t; w uniform
-    in [w_min, w_max], per example."""
-    B = images.shape[0]
-    keys = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), state["step"]), 4)
-    t, s = jnp.sort(jax.random.uniform(keys[0], (2, B)), axis=0)
-    s = jnp.where(jax.random.uniform(keys[1], (B,)) < r.r_equals_t, t, s)
-    w = jax.random.uniform(keys[2], (B,), minval=r.w_min, maxval=r.w_max)
-    noise = r.noise_scale * jax.random.normal(keys[3], images.shape)
-    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, *batch, a_min=r.a_min,
-                                               dtype=jnp.dtype(r.precision), remat=r.remat)
-    return descend(state, loss_fn, (images, context, mask, t, s, w, noise), t, r, mesh)
-
-
-def distill_step(state, frozen, batch, *, cfg, t5cfg, r, mesh):
-    """train_step of a student; frozen: (the T5's parameters, the teacher's)."""
-    t5_params, teacher = frozen
-    update = functools.partial(mean_flow_step, teacher=teacher)
-    return train_step(state, t5_params, batch, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh, update=update)
-
-
-# ---------------------------------------------------------------------------------------------- sharding
-
-
 def state_shardings(mesh, state_shapes, fsdp):
-    """Replicate everything, or with FSDP split each matrix along its largest axis that divides evenly
-    (vectors and scalars stay replicated: sharding them saves nothing)."""
+    """Replicated, or with FSDP each matrix split along its largest axis that divides evenly."""
     n = mesh.shape["data"]
-
     def spec(x):
         axes = [i for i in np.argsort(x.shape)[::-1] if x.shape[i] % n == 0]
         if not fsdp or not axes or x.ndim < 2:
             return NamedSharding(mesh, P())
         return NamedSharding(mesh, P(*[("data" if i == axes[0] else None) for i in range(x.ndim)]))
-
     return jax.tree.map(spec, state_shapes)
-
 
 def make_mesh(devices):
     return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
-
-def make_train_step(mesh, state_shapes, t5_shapes, cfg, t5cfg, r):
-    """The whole step under one jit; every array of the batch is split over the "data" axis, the state donated
-    in place."""
-    shard_state = state_shardings(mesh, state_shapes, r.fsdp)
-    replicated = NamedSharding(mesh, P())
+def make_train_step(mesh, state_shapes, frozen_shapes, cfg, t5cfg, r):
+    """The whole step under one jit: the batch split over the "data" axis, the state donated."""
+    shard_state, replicated = state_shardings(mesh, state_shapes, r.fsdp), NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    step_fn = distill_step if r.distill_from else train_step
-    step = jax.jit(functools.partial(step_fn, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh),
-                   in_shardings=(shard_state, jax.tree.map(lambda _: replicated, t5_shapes), batch_sharding),
+    step = jax.jit(functools.partial(train_step, cfg=cfg, t5cfg=t5cfg, r=r, mesh=mesh),
+                   in_shardings=(shard_state, jax.tree.map(lambda _: replicated, frozen_shapes), batch_sharding),
                    out_shardings=(shard_state, replicated), donate_argnums=0)
     return step, shard_state, batch_sharding
-
 
 def init_state(key, cfg):
     params = model.init_mmjit(key, cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
     return {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.zeros((), jnp.int32)}
 
+# ------------------------------------------------------------------------------------------------ loop
 
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
-ARRAYS = sample.ARRAYS  # the state's trees, one safetensors file each (the step goes in state.json)
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written (disk full, quota, permissions): reported as one line, exit code 1."""
-
-
-def save_checkpoint(run, state, data_state, keep):
-    """Write to a temporary directory, then rename: a kill at any moment leaves the last one
-    loadable, and so does a failed write (disk full, quota, permissions): its temporary directory is
-    removed and every process raises CheckpointError, none waits for the others for ever. Process 0
-    lays out each safetensors file, then every process writes the shards it holds into it: no host
-    gathers the state. Each process writes its own data position; process 0 the step, the process
-    count and a copy of config.json, so a step folder copied out of its run still loads (shared
-    filesystem assumed)."""
-    step, first = int(state["step"]), jax.process_index() == 0
-    folder = os.path.join(run, "checkpoints")
-    tmp, final = os.path.join(folder, f"tmp_{step:08d}"), os.path.join(folder, f"step_{step:08d}")
-    arrays = {os.path.join(tmp, f"{k}.safetensors"): model.flatten(state[k]) for k in ARRAYS}
-
-    def attempt(writes):
-        """Each write(path) in turn, then the same answer on every process: did all succeed?"""
-        error = None
-        try:
-            for path, write in writes:
-                write(path)
-        except OSError as e:
-            error = f"{path}: {e.strerror or e}"
-        if np.any(multihost_utils.process_allgather(np.int32(error is not None))):
-            if first:
-                shutil.rmtree(tmp, ignore_errors=True)
-            reason = error or "another process could not write"
-            raise CheckpointError(f"checkpoint of step {step} not saved: {reason}; the last "
-                                  "checkpoint, if any, is kept and the same command resumes "
-                                  "from it")
-
-    fresh_dir = lambda path: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
-    counts = {"step": step, "processes": jax.process_count()}
-    config = functools.partial(shutil.copy, os.path.join(run, "config.json"))
-    allocate = [(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()]
-    layout = [(tmp, fresh_dir), *allocate,
-              (os.path.join(tmp, "state.json"), functools.partial(write_json, content=counts)),
-              (os.path.join(tmp, "config.json"), config)]
-    attempt(layout if first else [])
-    own = os.path.join(tmp, f"data_{jax.process_index()}.json")
-    attempt([(own, functools.partial(write_json, content=data_state)),
-             *[(path, functools.partial(write_shards, tensors=t)) for path, t in arrays.items()]])
+def main(argv=None):
+    args, r = parse_args(argv)
+    if args.distributed:  # peers found by themselves on TPU pods and SLURM; elsewhere from the environment
+        env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+        jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
+    stop = stop_requests()  # after initialize(), whose preemption notifier takes SIGTERM for itself
+    run, first = args.out, jax.process_index() == 0
+    cfg, r, text_encoder, captions, complete, init = prepare_run(run, r, args.fit_text_length)
+    state, step_fn, frozen, batch_sharding, data_state = start_state(run, cfg, r, text_encoder, init)
+    start = int(state["step"])
+    buckets = data.aspect_buckets(cfg.image_size, cfg.patch_size) if r.multi_aspect else [(cfg.image_size,) * 2]
+    features, grid, record = encoded_text(r, cfg, text_encoder, captions, complete, start, buckets)
+    loader = data_loader(r, cfg, text_encoder[2], buckets, data_state)
+    log = sample.open_log(os.path.join(run, "log.jsonl"), start) if first else None
+    sample.write_log(log, {"step": start, **record})
+    bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=not first)
+    began = time.perf_counter()
+    clock, last, window, by_t, score = (began, start), None, [], None, None
+    with loader:
+        for step in bar:
+            state, metrics = step_fn(state, frozen, device_batch(next(loader), batch_sharding, features, stop))
+            done, window = step + 1, window + [metrics]
+            stopping = last is not None and check_health(log, last, done - 1, run, r)  # one step behind
+            last, saving = metrics, done % r.ckpt_every == 0 or done == r.steps or stopping
+            if saving or done % r.log_every == 0:  # this step's, before anything of it is written
+                check_health(log, metrics, done, run, r)
+            if done % r.log_every == 0 or done == r.steps or stopping:
+                (clock, by_t), window = log_step(log, bar, window, done, clock, r, loader), []
+            if saving:
+                sample.save_checkpoint(run, state, loader.state(), r.keep)
+            if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
+                score = sample.save_grid(run, done, state["ema"], cfg, grid, r, log, bar)
+            if stopping:
+                print(f"train.py: stopped at step {done}; resume with the same command", file=sys.stderr)
+                break
     if first:
-        shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
-        os.replace(tmp, final)
-        names = os.listdir(folder)
-        stale = [d for d in names if d[:4] == "tmp_"]  # left by a kill before its rename
-        for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + stale:
-            shutil.rmtree(os.path.join(folder, name))
-    multihost_utils.sync_global_devices("checkpoint renamed")
+        print(loader.summary(), file=sys.stderr)
+        sample.write_log(log, {"step": int(state["step"]), "data": loader.summary()})
+        log.close()
+        print(run_summary(run, start, int(state["step"]), time.perf_counter() - began, r, by_t, score),
+              file=sys.stderr)
 
+def device_batch(batch, sharding, features, stop):
+    """The host batch as global arrays: the captions' T5 features from the encode-once table in place of
+    their ids, and this process's stop request as one flag per example."""
+    out = {"images": batch["images"], "mask": batch["mask"], "stop": np.full(len(batch["mask"]), bool(stop), np.int32)}
+    if features:
+        index, table = features
+        try:
+            rows = table[[index[c] for c in batch["captions"]]]  # [B, L', Dt]
+        except KeyError as e:
+            raise RuntimeError(f"caption {e} was not among the captions read at start-up: was --data changed?") from None
+        out["context"] = np.pad(rows, ((0, 0), (0, batch["mask"].shape[1] - rows.shape[1]), (0, 0)))
+    else:
+        out["ids"] = batch["ids"]
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
 
-def write_json(path, content):
-    with open(path, "w") as f:
-        json.dump(content, f)
-
-
-def lay_out(path, tensors):
-    """A safetensors file of `tensors` {name: array}: its header and size, the data yet to be
-    written."""
-    head, _ = model.safetensors_layout(tensors)
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(len(head) + sum(x.nbytes for x in tensors.values()))
-
-
-def write_shards(path, tensors):
-    """Write the shards of `tensors` {name: global array} that this process holds, one copy of each
-    (replica 0), into the file lay_out made for them: one shard on the host at a time, never the
-    shards of other processes."""
-    _, starts = model.safetensors_layout(tensors)
-    with open(path, "r+b") as f:
-        for name, x in tensors.items():
-            for shard in x.addressable_shards:
-                if shard.replica_id == 0:
-                    write_block(f, starts[name], x.shape, shard.index, np.asarray(shard.data))
-
-
-def write_block(f, start, shape, index, block):
-    """Write block, the values at `index` (slices) of a C-order tensor of `shape` whose data begins
-    at `start` in file f: one contiguous run for each index of the axes before the last one that the
-    block cuts (a single run for a block of whole rows)."""
-    starts = [s.indices(n)[0] for s, n in zip(index, shape)]
-    cut = max([a for a in range(len(shape)) if block.shape[a] != shape[a]], default=0)
-    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]  # in elements
-    for i in np.ndindex(block.shape[:cut]):
-        offset = sum((s + j) * n for s, j, n in zip(starts, i + (0,) * (len(shape) - cut), strides))
-        f.seek(start + offset * block.itemsize)
-        f.write(block[i].tobytes())
-
-
-def restore_checkpoint(path, state_shapes, shardings):
-    """The state and this process's data position: each process reads from the memory-mapped arrays
-    only the slices that its devices hold, whatever the mesh that wrote them."""
-    step = model.read_json(os.path.join(path, "state.json"))["step"]
-    state = {"step": jnp.asarray(step, jnp.int32)}
-    put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
-                                                    lambda i: np.asarray(x[i], t.dtype))
-    for k in ARRAYS:
-        like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state_shapes[k], shardings[k])
-        file = os.path.join(path, f"{k}.safetensors")
-        state[k] = model.unflatten_like(like, model.read_safetensors(file), file, put)
-    data_state = model.read_json(os.path.join(path, f"data_{jax.process_index()}.json"))
-    return jax.device_put(state, shardings), data_state
-
-
-def load_init_weights(path, cfg):
-    """Weights to fine-tune from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
-    loaded, params, _ = sample.load_denoiser(path)
-    diff = [f"{k} {v} != {getattr(cfg, k)}" for k, v in dataclasses.asdict(loaded).items()
-            if k != "image_size" and v != getattr(cfg, k)]  # weights do not depend on the resolution
-    if diff:
-        raise ValueError(f"a model of another config ({', '.join(diff)})")
-    return params
-
-
-# ----------------------------------------------------------------------------------------- text encoder
-
-
-def make_tiny_text_encoder(folder, captions, seed):
-    """A frozen random T5 with a sentencepiece model fitted to the run's own captions, saved in the Hugging
-    Face layout so that the run directory is self-contained. BPE merges up to whole words, so every word of
-    the captions becomes known pieces (the vocabulary follows the data: a few hundred pieces for the shapes, at
-    most 8192), every character of them included; case is folded; byte fallback spells a word never seen in
-    bytes instead of one shared <unk>."""
-    import sentencepiece
-
-    os.makedirs(folder, exist_ok=True)
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=buf, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, minloglevel=2)
-    with open(os.path.join(folder, "spiece.model"), "wb") as f:
-        f.write(buf.getvalue())
-    cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
-    model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
-
-
-def fitted_text_length(tokenizer, captions):
-    """The text length of a run with a fitted tokenizer: 99% of its captions whole, at least 16, a multiple of 8."""
-    return min(256, max(16, -(-int(np.percentile(tokenizer.lengths(captions), 99)) // 8) * 8))
-
-
-def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
-    """({caption: row}, features [N, L', Dt]) of the distinct captions, computed once in chunks of one shape (one
-    compilation). L' is the longest caption's tokens: the padding's features are never used (mask_token takes
-    their place), and the encoder masks padded keys, so shorter padding gives the same features."""
-    t5cfg, t5_params, tokenizer = text_encoder
-    distinct = sorted(set(captions))
-    length = int(min(text_length, tokenizer.lengths(distinct).max()))
-    table = np.zeros((len(distinct), length, t5cfg.d_model), dtype)
-    for i in tqdm(range(0, len(distinct), chunk), desc="T5 features of each caption, once", unit="chunk",
-                  disable=jax.process_index() != 0):
-        part = distinct[i:i + chunk]
-        ids, mask = tokenizer.encode(part + [""] * (chunk - len(part)), length)
-        table[i:i + len(part)] = np.asarray(sample.encode_text(t5_params, t5cfg, ids, mask))[:len(part)]
-    return {c: i for i, c in enumerate(distinct)}, table
-
-
-def text_report(tokenizer, captions, r, features):
-    """The start-up line on how the text encoder reads the run's captions, and warnings where it reads them badly."""
-    c = tokenizer.coverage(captions, r.text_length)
-    line = (f"text: {c['captions']} captions read, {c['unknown']:.2%} of pieces unknown, {c['cut']:.1%} cut at "
-            f"{r.text_length} tokens, median {c['median_tokens']:.0f} tokens; T5 features "
-            + (f"encoded once for {len(features[0])} distinct captions" if features else "encoded in every step"))
-    warnings = []
-    if c["unknown"] > 0.01:
-        warnings.append(f"warning: {c['unknown']:.1%} of the caption pieces are unknown to the tokenizer: those "
-                        "words all reach the model as the same <unk>")
-    if c["cut"] > 0.05:
-        need = int(np.percentile(tokenizer.lengths(captions), 99))
-        warnings.append(f"warning: {c['cut']:.0%} of the captions are cut at --text-length {r.text_length}; "
-                        f"{need} would hold 99% of them")
-    return line, warnings, c
-
-
-# ------------------------------------------------------------------------------------------------ the run
-
+# ----------------------------------------------------------------------------------- run management
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -562,31 +341,23 @@ def parse_args(argv):
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
     for f in dataclasses.fields(Recipe):
         default = {(): "synthetic", "": "none"}.get(f.default, f.default)
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (tiny: {default})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-        elif f.type is tuple:
-            parser.add_argument(flag, action="append", default=None, help=help)
-        else:
-            parser.add_argument(flag, type=f.type, default=None, help=help)
+        kind = {bool: dict(action=argparse.BooleanOptionalAction), tuple: dict(action="append")}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind.get(f.type, dict(type=f.type)),
+                            help=f"{f.metadata['help']} (tiny: {default})")
     args = parser.parse_args(argv)
     if args.preset not in RECIPES:
         raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
-    base = RECIPES[args.preset]
-    if overrides.get("distill_from"):
-        base = dataclasses.replace(base, **DISTILL["tiny" if args.preset == "tiny" else "paper"])
-    r = dataclasses.replace(base, **{k: tuple(v) if k == "data" else v
-                                     for k, v in overrides.items()})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
+    student = DISTILL["tiny" if args.preset == "tiny" else "paper"] if given.get("distill_from") else {}
+    r = dataclasses.replace(RECIPES[args.preset], **student | given | ({"data": tuple(given["data"])} if "data" in given else {}))
     if r.model not in model.PRESETS:
         raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
-    args.fit_text_length = not r.t5 and "text_length" not in overrides
+    args.fit_text_length = not r.t5 and "text_length" not in given
     if not args.out:
         source = data.parse_sources(r.data)[0][0] if r.data else ""
         name = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(os.path.normpath(source)))[0]).strip("_")
         args.out = os.path.join("runs", args.preset.replace("/", "") + (f"-{name}" if r.data else ""))
     return args, r
-
 
 def check_recipe(r, cfg):
     """Every flag's value, before anything is read or written: one line naming the flag and what it must be."""
@@ -618,14 +389,12 @@ def check_recipe(r, cfg):
         if path and not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file or directory")
 
-
 def check_resume(run, config, r):
     """A run directory must hold this same run (the fields in RESUMABLE may differ) that has steps left."""
-    old = model.read_json(os.path.join(run, "config.json"))
+    old = model.read_json(os.path.join(run, "config.json")).get("recipe", {})
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
-    new = json.loads(json.dumps(config["recipe"]))
-    diff = [f"{k} {old['recipe'].get(k, defaults[k])!r} -> {v!r}" for k, v in new.items()
-            if k not in RESUMABLE and old.get("recipe", {}).get(k, defaults[k]) != v]
+    diff = [f"{k} {old.get(k, defaults[k])!r} -> {v!r}" for k, v in json.loads(json.dumps(config["recipe"])).items()
+            if k not in RESUMABLE and old.get(k, defaults[k]) != v]
     if diff:
         raise UsageError(f"--out {run} holds another run ({'; '.join(diff)}): give the same flags to resume it, "
                          "or another --out")
@@ -644,22 +413,10 @@ def check_resume(run, config, r):
         raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger --steps to train it "
                          "further, or another --out for a new run")
 
-
-def checked(what, fn, *args):
-    """fn(*args), an OSError or ValueError of it reported as one line about `what`."""
-    try:
-        return fn(*args)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{what}{' '.join(str(e).split())}") from None
-
-
 def prepare_run(run, r, fit_text_length):
-    """Check everything, then make the run directory, or reopen this same run. Nothing is written before the
-    checks pass, and a new run is built in RUN.partial and renamed into place: an interrupt at any moment
-    leaves nothing or a run that resumes. Returns the model config, the recipe with its text length, the text
-    encoder, the captions read, whether they are all of them, and the weights to fine-tune from."""
-    cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size,
-                              mean_flow=bool(r.distill_from))
+    """Check everything, then reopen this same run, or build a new one in RUN.partial and rename it into
+    place: an interrupt at any moment leaves nothing or a run that resumes."""
+    cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size, mean_flow=bool(r.distill_from))
     check_recipe(r, cfg)
     captions, complete = checked("", data.read_captions, list(r.data), r.seed)  # its errors name the --data
     resume = os.path.isfile(os.path.join(run, "config.json"))
@@ -675,25 +432,24 @@ def prepare_run(run, r, fit_text_length):
             make_tiny_text_encoder(t5_path, captions, r.seed)
     multihost_utils.sync_global_devices("text encoder ready")
     try:
-        text_encoder = checked(f"--t5 {t5_path}: not a usable T5 folder: ", sample.load_text_encoder, t5_path, cfg)
+        text_encoder = checked(f"--t5 {t5_path}: not a usable T5 folder", sample.load_text_encoder, t5_path, cfg)
         if fit_text_length:
-            r = dataclasses.replace(r, text_length=fitted_text_length(text_encoder[2], captions))
+            r = dataclasses.replace(r, text_length=sample.fitted_text_length(text_encoder[2], captions))
         config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5", "text_length": r.text_length,
                   "recipe": dataclasses.asdict(r)}
         if resume:
             check_resume(run, config, r)
-        init = checked(f"--init-from {r.init_from}: ", load_init_weights, r.init_from, cfg) \
-            if r.init_from and not resume else None
-        if r.distill_from:  # the teacher, needed by every run of a student, resumed or not
-            init = checked(f"--distill-from {r.distill_from}: ", load_init_weights, r.distill_from,
-                           dataclasses.replace(cfg, mean_flow=False))
+        # the weights to start from: a student's teacher (on every run of it), a fine-tune's (new runs)
+        flag, path = ("distill", r.distill_from) if r.distill_from else ("init", "" if resume else r.init_from)
+        init = path and checked(f"--{flag}-from {path}", load_init_weights, path,
+                                dataclasses.replace(cfg, mean_flow=False))
     except UsageError:
         if not resume:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     multihost_utils.sync_global_devices("checks done")  # every process has read RUN.partial before it moves
     if first:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         with open(os.path.join(folder, "config.json.tmp"), "w") as f:
             json.dump(config, f, indent=1)
         os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
@@ -704,198 +460,117 @@ def prepare_run(run, r, fit_text_length):
     multihost_utils.sync_global_devices("run directory ready")
     return cfg, r, text_encoder, captions, complete, init
 
+def load_init_weights(path, cfg):
+    """Weights to start from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
+    loaded, params, _ = sample.load_denoiser(path)
+    diff = [f"{k} {v} != {getattr(cfg, k)}" for k, v in dataclasses.asdict(loaded).items()
+            if k != "image_size" and v != getattr(cfg, k)]  # weights do not depend on the resolution
+    if diff:
+        raise ValueError(f"a model of another config ({', '.join(diff)})")
+    return params
 
-def open_log(path, start):
-    """log.jsonl, keeping the lines up to the step resumed from: steps logged after the checkpoint (before a
-    crash) are about to be redone, and a line torn by a kill ends what is kept."""
-    kept = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] > start:
-                        break
-                except (ValueError, KeyError):
-                    break
-                kept.append(line)
-    log = open(path, "w")
-    log.writelines(kept)
-    return log
+def start_state(run, cfg, r, text_encoder, init):
+    """The compiled step, its frozen inputs and the state: fresh, or the newest complete checkpoint's."""
+    t5cfg, t5_params, _ = text_encoder
+    mesh = make_mesh(jax.devices())
+    state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
+    frozen = (t5_params, jax.tree.map(lambda x: jnp.array(x, r.precision), init)) if r.distill_from else t5_params
+    step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, frozen, cfg, t5cfg, r)
+    frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
+    found = sample.checkpoints(run)  # newest first
+    damaged = list(itertools.takewhile(lambda c: c[1], found))  # check_resume refused all damaged
+    if len(damaged) == len(found):  # no checkpoint at all: a new run
+        state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(rng(r.seed, "init"))
+        if init:  # the EMA its own copy: the step donates both
+            init = state["params"] | init  # a student: its new tokens' weights kept
+            state = jax.device_put(state | {"params": init, "ema": jax.tree.map(jnp.copy, init)}, shardings)
+        return state, step_fn, frozen, batch_sharding, None
+    ckpt = found[len(damaged)][0]
+    for path, problem in damaged if jax.process_index() == 0 else []:
+        print(f"train.py: {path} is damaged ({problem}); resuming from {ckpt}", file=sys.stderr)
+    try:
+        state, data_state = sample.restore_checkpoint(ckpt, state_shapes, shardings)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot resume from {ckpt}: {e}") from None
+    return state, step_fn, frozen, batch_sharding, data_state
 
+def data_loader(r, cfg, tokenizer, buckets, data_state):
+    """This process's batches; process 0's probe of the bucket frequencies on every host: same shapes."""
+    table = data.bucket_table(list(r.data), r.seed, buckets).astype(np.float32) if jax.process_index() == 0 \
+        else np.zeros((len(data.parse_sources(r.data or ["synthetic"])), len(buckets)), np.float32)
+    return data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
+                       r.text_length, seed=r.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count(), state=data_state, buckets=buckets,
+                       frequencies=multihost_utils.broadcast_one_to_all(table))
+
+# ---------------------------------------------------------------------------------------- text encoder
+
+def make_tiny_text_encoder(folder, captions, seed):
+    """A frozen random T5 and a BPE tokenizer fitted to the run's captions (whole words as pieces, at
+    most 8192, case folded, unseen words spelled in bytes, not <unk>), in the Hugging Face layout."""
+    import sentencepiece
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions), model_writer=f, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
+            byte_fallback=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1,
+            unk_id=2, bos_id=-1, minloglevel=2)
+    cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
+    model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
+
+def encoded_text(r, cfg, text_encoder, captions, complete, start, buckets):
+    """The encode-once table (all captions known, fewer than the steps' encodings, one host), the grids'
+    inputs and the start-up record on the text."""
+    t5cfg, t5_params, tokenizer = text_encoder
+    distinct = len(set(captions))
+    size = distinct * r.text_length * t5cfg.d_model * jnp.dtype(r.precision).itemsize
+    once = complete and jax.process_count() == 1 and distinct < (r.steps - start) * r.batch_size
+    features = sample.encode_once(text_encoder, captions, r.text_length, jnp.dtype(r.precision)) \
+        if once and size <= FEATURE_BYTES else None
+    line, warnings, coverage = sample.text_report(tokenizer, captions, r, features)
+    if jax.process_index() == 0:
+        print("\n".join([line, *warnings]), file=sys.stderr)
+    prompts = sample.grid_prompts(r, captions)
+    ids, mask = tokenizer.encode(prompts, r.text_length)
+    grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
+            "keys": jax.random.split(rng(r.seed, "grid"), len(prompts)),
+            "shapes": buckets[::len(buckets) // 2 or 1]}  # the tallest, square, the widest
+    return features, grid, {"text": line, **coverage}
+
+# --------------------------------------------------------------------------------------------- logging
 
 def stop_requests():
-    """A list that SIGINT or SIGTERM appends to: the run finishes its step, saves and exits. A second signal
-    quits at once (checkpoints are written aside and renamed, so even that loses only the steps since the last)."""
+    """A list that SIGINT or SIGTERM appends to: the run saves and exits; a second one quits at once."""
     stop = []
-
     def handler(signum, frame):
         if stop:
             print("train.py: stopped at once", file=sys.stderr)
             os._exit(128 + signum)
         stop.append(signum)
         print("train.py: stopping after this step (again to quit at once)", file=sys.stderr)
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return stop
 
-
-def main(argv=None):
-    args, r = parse_args(argv)
-    if args.distributed:  # peers found by themselves on TPU pods and SLURM; elsewhere from the environment
-        env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
-        jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
-    stop = stop_requests()  # after initialize(), whose preemption notifier takes SIGTERM for itself
-    run, first = args.out, jax.process_index() == 0
-    cfg, r, text_encoder, captions, complete, init = prepare_run(run, r, args.fit_text_length)
-    t5cfg, t5_params, tokenizer = text_encoder
-
-    mesh = make_mesh(jax.devices())
-    state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
-    frozen = t5_params
-    if r.distill_from:  # the teacher in the compute dtype, its own copy: the step donates init
-        frozen = (t5_params, jax.tree.map(lambda x: jnp.array(x, r.precision), init))
-    step_fn, shardings, batch_sharding = make_train_step(mesh, state_shapes, frozen, cfg, t5cfg, r)
-    frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
-    found = sample.checkpoints(run)  # newest first
-    damaged = list(itertools.takewhile(lambda c: c[1], found))  # check_resume refused all damaged
-    if len(damaged) == len(found):  # no checkpoint at all: a new run
-        data_state = None
-        state = jax.jit(functools.partial(init_state, cfg=cfg), out_shardings=shardings)(rng(r.seed, "init"))
-        if init is not None:  # the EMA its own copy: the step donates both
-            init = state["params"] | init  # a student: its new tokens' weights kept
-            state = jax.device_put(state | {"params": init, "ema": jax.tree.map(jnp.copy, init)}, shardings)
-    else:
-        ckpt = found[len(damaged)][0]
-        for path, problem in damaged if first else []:
-            print(f"train.py: {path} is damaged ({problem}); resuming from {ckpt}", file=sys.stderr)
-        try:
-            state, data_state = restore_checkpoint(ckpt, state_shapes, shardings)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot resume from {ckpt}: {e}") from None
-    start = int(state["step"])
-
-    # Encode-once: where every caption is known and the distinct ones are fewer than the encodings the steps
-    # would make, their features are computed now and each step looks them up (not across hosts: each would
-    # need the whole table, and multi-host runs are the large ones).
-    distinct = len(set(captions))
-    size = distinct * r.text_length * t5cfg.d_model * jnp.dtype(r.precision).itemsize
-    features = None
-    if complete and jax.process_count() == 1 and distinct < (r.steps - start) * r.batch_size and size <= FEATURE_BYTES:
-        features = encode_once(text_encoder, captions, r.text_length, jnp.dtype(r.precision))
-    line, warnings, coverage = text_report(tokenizer, captions, r, features)
-    if first:
-        print("\n".join([line, *warnings]), file=sys.stderr)
-
-    prompts = grid_prompts(r, captions)
-    ids, mask = tokenizer.encode(prompts, r.text_length)
-    buckets = data.aspect_buckets(cfg.image_size, cfg.patch_size) if r.multi_aspect else [(cfg.image_size,) * 2]
-    grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
-            "keys": jax.random.split(rng(r.seed, "grid"), len(prompts)),
-            "shapes": buckets[::len(buckets) // 2 or 1]}  # the tallest, square, the widest
-    # The bucket frequencies of process 0's probe, on every host: hosts draw the same batch shapes.
-    table = np.zeros((len(data.parse_sources(r.data or ["synthetic"])), len(buckets)), np.float32)
-    if jax.process_index() == 0:
-        table = data.bucket_table(list(r.data), r.seed, buckets).astype(np.float32)
-    table = multihost_utils.broadcast_one_to_all(table)
-    loader = data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
-                         r.text_length, seed=r.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), state=data_state, buckets=buckets,
-                         frequencies=table)
-    os.makedirs(os.path.join(run, "samples"), exist_ok=True)
-    log = open_log(os.path.join(run, "log.jsonl"), start) if first else None
-    write_log(log, {"step": start, "text": line, **coverage})
-    bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=not first)
-    began = time.perf_counter()
-    clock, last, window, by_t, score = (began, start), None, [], None, None
-    with loader:
-        for step in bar:
-            batch = next(loader)
-            batch = device_batch(batch, batch_sharding, features, stop)
-            state, metrics = step_fn(state, frozen, batch)
-            done = step + 1
-            window.append(metrics)
-            if last is not None:  # the previous step's flags: one step behind, not to stall
-                check_finite(log, jax.device_get(last), done - 1, run, r)
-            stopping = last is not None and bool(last["stop"])  # every process's request
-            last = metrics
-            saving = done % r.ckpt_every == 0 or done == r.steps or stopping
-            if saving or done % r.log_every == 0:  # this step's, before anything of it is written
-                check_finite(log, jax.device_get(metrics), done, run, r)
-            if done % r.log_every == 0 or done == r.steps or stopping:
-                clock, by_t = log_step(log, bar, metrics, window, done, clock, r, loader)
-                window = []
-            if saving:
-                save_checkpoint(run, state, loader.state(), r.keep)
-            if r.sample_every and (done % r.sample_every == 0 or done == r.steps):
-                score = save_grid(run, done, state["ema"], cfg, grid, r)
-                if score is not None and first:  # the share of the 64 synthetic prompts whose sample shows it
-                    bar.write(f"step {done}: faithfulness {score:.0%} of {len(prompts)} prompts")
-                    write_log(log, {"step": done, "faithfulness": score})
-                if first:
-                    plot_log(os.path.join(run, "log.jsonl"), os.path.join(run, "samples/loss.png"))
-            if stopping:
-                print(f"train.py: stopped at step {done}; resume with the same command", file=sys.stderr)
-                break
-    if first:
-        print(loader.summary(), file=sys.stderr)
-        write_log(log, {"step": int(state["step"]), "data": loader.summary()})
-        log.close()
-        seconds = time.perf_counter() - began
-        print(run_summary(run, start, int(state["step"]), seconds, r, by_t, score), file=sys.stderr)
-
-
-def device_batch(batch, sharding, features, stop):
-    """The host batch as global arrays: with the encode-once table, the captions' T5 features in place of their
-    ids; and this process's stop request as one flag per example (the step returns the maximum over all)."""
-    out = {"images": batch["images"], "mask": batch["mask"], "stop": np.full(len(batch["mask"]), bool(stop), np.int32)}
-    if features:
-        index, table = features
-        try:
-            rows = table[[index[c] for c in batch["captions"]]]  # [B, L', Dt]
-        except KeyError as e:
-            raise RuntimeError(f"caption {e} was not among the captions read at start-up: was --data changed?") from None
-        out["context"] = np.zeros((len(rows), batch["mask"].shape[1], rows.shape[2]), rows.dtype)
-        out["context"][:, :rows.shape[1]] = rows
-    else:
-        out["ids"] = batch["ids"]
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
-
-
-def write_log(log, record):
-    if log:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-
-
-T_NAMES = [f"t {i / T_BUCKETS:.2f}-{(i + 1) / T_BUCKETS:.2f}" for i in range(T_BUCKETS)]
-T_COLOURS = [(40, 90, 200), (40, 160, 160), (220, 140, 20), (200, 40, 40)]  # from noise to data
-
-
-def log_step(log, bar, metrics, window, done, clock, r, loader):
-    """One line of log.jsonl and the progress bar: this step's loss, and the mean loss of each noise
-    level over the window of steps since the last line (a step's batch may hold no example of a
-    level). Returns the new clock and those means (None: no example)."""
-    m = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and k != "stop"}
-    window = jax.device_get([[w["loss_sum_by_t"], w["count_by_t"]] for w in window])
-    sums, counts = np.sum(window, axis=0)
+def log_step(log, bar, window, done, clock, r, loader):
+    """One line of log.jsonl and the bar; the new clock and each noise level's mean loss since the last."""
+    m = {k: float(v) for k, v in window[-1].items() if np.ndim(v) == 0 and k != "stop"}
+    sums, counts = np.sum(jax.device_get([[w["loss_sum_by_t"], w["count_by_t"]] for w in window]), axis=0)
     by_t = [float(s / c) if c else None for s, c in zip(sums, counts)]
     now = time.perf_counter()
     m |= {"step": done, "loss_by_t": by_t, "skipped": loader.skipped,
           "images_per_s": (done - clock[1]) * r.batch_size / (now - clock[0])}
-    by_t_text = " ".join("-" if x is None else f"{x:.3f}" for x in by_t)
-    bar.set_postfix(loss=f"{m['loss']:.4f}", by_t=by_t_text, img_s=f"{m['images_per_s']:.0f}")
-    write_log(log, m)
+    bar.set_postfix(loss=f"{m['loss']:.4f}", by_t=" ".join("-" if x is None else f"{x:.3f}" for x in by_t),
+                    img_s=f"{m['images_per_s']:.0f}")
+    sample.write_log(log, m)
     return (now, done), by_t
 
-
-def check_finite(log, m, step, run, r):
-    """Stops the run at a step whose loss or gradient is not finite, before anything of it is saved,
-    with one line naming the step, the noise levels whose loss is not finite, and how to go on."""
+def check_health(log, metrics, step, run, r):
+    """The step's stop flag; a loss or gradient not finite stops the run before the step is saved."""
+    m = jax.device_get(metrics)
     if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
-        return
-    bad = [name for name, s, c in zip(T_NAMES, m["loss_sum_by_t"], m["count_by_t"])
-           if c and not np.isfinite(s)]
+        return bool(m["stop"])
+    bad = [name for name, s, c in zip(T_NAMES, m["loss_sum_by_t"], m["count_by_t"]) if c and not np.isfinite(s)]
     what = f"the loss is not finite at {', '.join(bad)}" if bad else "the gradient is not finite"
     try:
         go_on = f"the last good checkpoint {sample.latest_checkpoint(run)} is kept"
@@ -903,87 +578,16 @@ def check_finite(log, m, step, run, r):
         go_on = "no checkpoint was saved before it"
     line = (f"step {step}: {what}; stopped, nothing of this step saved; {go_on}: the same command "
             f"with a smaller --lr (now {r.lr:g}) goes on from there")
-    write_log(log, {"step": step, "stopped": line})
+    sample.write_log(log, {"step": step, "stopped": line})
     sys.exit(f"train.py: {line}")
-
 
 def run_summary(run, start, step, seconds, r, by_t, score):
     """The end of a run in one line: what it did, how fast, where it stands, where its files are."""
-    loss = ", ".join(f"{name} {'-' if x is None else f'{x:.4f}'}"
-                     for name, x in zip(T_NAMES, by_t or [None] * T_BUCKETS))
+    loss = ", ".join(f"{name} {'-' if x is None else f'{x:.4f}'}" for name, x in zip(T_NAMES, by_t or [None] * T_BUCKETS))
     return (f"train.py: {step - start} steps to step {step} in {seconds:.0f} s, "
             f"{(step - start) * r.batch_size / seconds:.1f} images/s; final loss by noise level: "
             + loss + ("" if score is None else f"; faithfulness {score:.0%}")
-            + f"; samples in {os.path.join(run, 'samples')}, checkpoints in "
-            + os.path.join(run, "checkpoints"))
-
-
-def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
-    """A picture of log.jsonl: the loss of each noise level against the step on a log scale (left
-    axis), and the faithfulness of the grids of built-in shapes, 0 to 100% (right axis, black)."""
-    from PIL import Image, ImageDraw
-
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    losses = [(m["step"], i, x) for m in records for i, x in enumerate(m.get("loss_by_t", [])) if x]
-    if not losses:
-        return
-    scores = [(m["step"], m["faithfulness"]) for m in records if "faithfulness" in m]
-    (W, H), (left, top, right, bottom) = size, margin
-    last = max([s for s, _, _ in losses] + [s for s, _ in scores])
-    lo, hi = (f(np.log10([x for _, _, x in losses])) for f in (np.min, np.max))
-    lo, hi = np.floor(lo), max(np.ceil(hi), np.floor(lo) + 1)  # whole decades
-    x_of = lambda step: left + (W - left - right) * step / last
-    y_of = lambda fraction: H - bottom - (H - top - bottom) * fraction  # of the height, from below
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, W - right, H - bottom], outline="gray")
-    for decade in range(int(lo), int(hi) + 1):
-        y = y_of((decade - lo) / (hi - lo))
-        draw.line([left - 4, y, left, y], fill="gray")
-        draw.text((4, y - 6), f"1e{decade}", fill="black")
-    for fraction in (0, 0.5, 1):
-        draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
-    draw.text((left, H - bottom + 6), "0", fill="black")
-    draw.text((W - right - 40, H - bottom + 6), f"step {last}", fill="black")
-    for i, (name, colour) in enumerate(zip(T_NAMES, T_COLOURS)):
-        points = [(x_of(s), y_of((np.log10(x) - lo) / (hi - lo))) for s, j, x in losses if j == i]
-        draw.line(points + points[-1:], fill=colour, width=2)  # a lone point: a dot
-        draw.text((left + 10 + 110 * i, H - 18), name, fill=colour)
-    if scores:
-        draw.line([(x_of(s), y_of(x)) for s, x in scores + scores[-1:]], fill="black", width=2)
-        draw.text((left + 10 + 110 * T_BUCKETS, H - 18), "faithfulness", fill="black")
-    image.save(out)
-
-
-def grid_prompts(r, captions):
-    """The grids' prompts, a few of the run's distinct captions; for the built-in shapes their own 8 first, then
-    56 more (only 8 are shown; all 64 are scored for faithfulness)."""
-    distinct = sorted(set(captions) - set(data.SYNTHETIC_PROMPTS if not r.data else []))
-    n = GRID_PROMPTS * 7 if not r.data else min(GRID_PROMPTS, len(distinct))
-    chosen = list(np.random.default_rng(r.seed).choice(distinct, n, replace=False))
-    return data.SYNTHETIC_PROMPTS + chosen if not r.data else chosen
-
-
-def save_grid(run, done, params, cfg, grid, r):
-    """EMA samples of the grid's prompts from the same noise every time, one grid per shape (the tallest, the
-    square and the widest bucket): samples/step_NNNNNN.png at the training size, step_NNNNNN_WxH.png else.
-    Returns, for the built-in shapes, the share of the square grid's samples that show their prompt."""
-    score = None
-    for h, w in grid["shapes"]:
-        noise = sample.initial_noise(grid["keys"], (h, w), r.noise_scale)
-        sampler = sample.mean_flow_sample if cfg.mean_flow else \
-            functools.partial(sample.sample, sampler="dpm++2m")
-        images = np.asarray(sampler(params, cfg, grid["context"], grid["mask"], noise,
-                                    steps=r.sample_steps, guidance=r.guidance))
-        name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}")
-        if jax.process_index() == 0:
-            sample.make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS]).save(
-                os.path.join(run, "samples", name + ".png"))
-        if h == w and not r.data:
-            score = data.faithfulness(images, grid["prompts"])
-    return score
-
+            + f"; samples in {os.path.join(run, 'samples')}, checkpoints in " + os.path.join(run, "checkpoints"))
 
 if __name__ == "__main__":
     try:

@@ -37,7 +37,7 @@ def test_distillation_resumes_exactly(tmp_path):
     assert [m["loss"] for m in a if "loss" in m] == [m["loss"] for m in b if "loss" in m]
     last = lambda run, name: model.read_safetensors(
         os.path.join(run, "checkpoints", "step_00000008", f"{name}.safetensors"))
-    for name in train.ARRAYS:
+    for name in sample.ARRAYS:
         x, y = last(straight, name), last(split, name)
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
     assert any(k.startswith("mf_embedder.") for k in x)
@@ -45,7 +45,7 @@ def test_distillation_resumes_exactly(tmp_path):
     # Exported, the student says what it is and samples as its run does: 4 jumps by default, or 1.
     export = str(tmp_path / "export")
     sample.main(["--ckpt", straight, "--export-diffusers", export])
-    assert sample.read_json(os.path.join(export, "transformer", "config.json"))["mean_flow"] is True
+    assert model.read_json(os.path.join(export, "transformer", "config.json"))["mean_flow"] is True
     pngs = {}
     for ckpt, steps in [(straight, []), (export, []), (export, ["--steps", "1"])]:
         out = str(tmp_path / f"grid{len(pngs)}.png")

@@ -77,8 +77,8 @@ def test_each_flag_leaves_its_trace(user_run):
 
 def test_grids_of_a_data_run_show_its_captions(folder):
     r = train.Recipe(data=(folder,))
-    assert sorted(train.grid_prompts(r, data.read_captions([folder])[0])) == sorted(USER_CAPTIONS + ["a photo cut short"])
-    shapes = train.grid_prompts(train.Recipe(), data.synthetic_captions())  # 8 shown, 64 scored
+    assert sorted(sample.grid_prompts(r, data.read_captions([folder])[0])) == sorted(USER_CAPTIONS + ["a photo cut short"])
+    shapes = sample.grid_prompts(train.Recipe(), data.synthetic_captions())  # 8 shown, 64 scored
     assert shapes[:8] == data.SYNTHETIC_PROMPTS and len(shapes) == 64 and set(shapes) <= set(data.synthetic_captions())
 
 
@@ -224,12 +224,12 @@ def test_coverage_numbers_on_a_crafted_set():
     assert tok.coverage(["a red circle", "a 猫 on a mat"], 8) == {"captions": 2, "unknown": 1 / 15, "cut": 0.5,
                                                                    "median_tokens": 8.5}
     r = train.Recipe(text_length=8)
-    line, warnings, _ = train.text_report(tok, ["a red circle", "a 猫 on a mat"], r, None)
+    line, warnings, _ = sample.text_report(tok, ["a red circle", "a 猫 on a mat"], r, None)
     assert line == ("text: 2 captions read, 6.67% of pieces unknown, 50.0% cut at 8 tokens, median 8 tokens; "
                     "T5 features encoded in every step")  # median 8.5 printed to the even 8
     assert len(warnings) == 2 and "unknown" in warnings[0] and "--text-length 8; 9 would hold 99%" in warnings[1]
-    assert train.fitted_text_length(tok, ["a red circle"]) == 16  # at least 16
-    assert train.fitted_text_length(tok, ["a b c d e f g h i j k"] * 99 + ["short"]) == 24  # 22 tokens -> 24
+    assert sample.fitted_text_length(tok, ["a red circle"]) == 16  # at least 16
+    assert sample.fitted_text_length(tok, ["a b c d e f g h i j k"] * 99 + ["short"]) == 24  # 22 tokens -> 24
 
 
 def test_encode_once_equals_encoding_in_the_step():
@@ -247,7 +247,7 @@ def test_encode_once_equals_encoding_in_the_step():
     ids, mask = tok.encode(captions, 12)
     host = {"images": np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32), "ids": ids,
             "mask": mask, "captions": captions}
-    features = train.encode_once((t5cfg, t5, tok), captions, 12, jnp.float32)
+    features = sample.encode_once((t5cfg, t5, tok), captions, 12, jnp.float32)
     assert len(features[0]) == 3 and features[1].shape == (3, 7, 32)  # distinct captions; the longest is 7 tokens
     out = {}
     with jax.default_matmul_precision("highest"):

@@ -150,7 +150,7 @@ def test_resume_is_exact(tmp_path, capsys):
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     assert a[-1]["loss"] < a[0]["loss"]
     assert os.listdir(os.path.join(split, "checkpoints")) == ["step_00000012"]  # keep=1 pruned the rest
-    for name in train.ARRAYS:
+    for name in sample.ARRAYS:
         x = model.read_safetensors(os.path.join(straight, "checkpoints", "step_00000012", f"{name}.safetensors"))
         y = model.read_safetensors(os.path.join(split, "checkpoints", "step_00000012", f"{name}.safetensors"))
         assert all(np.array_equal(x[k], y[k]) for k in x)
@@ -388,10 +388,10 @@ def test_loss_picture(tmp_path):
                            + [{"step": s, "loss": 1.0, "loss_by_t": [2 / s, 1 / s, 0.1, None if s < 30 else 0.02]}
                               for s in range(10, 101, 10)]
                            + [{"step": s, "faithfulness": s / 200} for s in (50, 100)]))
-    train.plot_log(str(log), str(tmp_path / "loss.png"))
+    sample.plot_log(str(log), str(tmp_path / "loss.png"))
     picture = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))[30:-50, 70:-60]  # inside the box
     colours = {tuple(c) for c in picture.reshape(-1, 3)}
-    assert set(train.T_COLOURS) | {(0, 0, 0)} <= colours
+    assert set(sample.T_COLOURS) | {(0, 0, 0)} <= colours
 
 
 def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
@@ -399,7 +399,7 @@ def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch
     step 1's checkpoint stays the latest with no half-written folder beside it, and the same command resumes."""
     run = str(tmp_path / "run")
     args = SMALL + ["--out", run, "--steps", "2", "--ckpt-every", "1"]
-    write, restore, failed = train.write_shards, train.restore_checkpoint, []
+    write, restore, failed = sample.write_shards, sample.restore_checkpoint, []
 
     def disk_full_once(path, *a, **k):
         if "tmp_00000002" in path and not failed:
@@ -407,7 +407,7 @@ def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(path, *a, **k)
 
-    monkeypatch.setattr(train, "write_shards", disk_full_once)
+    monkeypatch.setattr(sample, "write_shards", disk_full_once)
     with pytest.raises(train.CheckpointError) as e:
         train.main(args)
     assert str(e.value).splitlines() == [str(e.value)] and failed[0] in str(e.value)
@@ -415,7 +415,7 @@ def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch
     assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000001"]
     sample.load_denoiser(run)  # loads step 1, the latest
     restored = []
-    monkeypatch.setattr(train, "restore_checkpoint", lambda path, *a: restored.append(path) or restore(path, *a))
+    monkeypatch.setattr(sample, "restore_checkpoint", lambda path, *a: restored.append(path) or restore(path, *a))
     train.main(args)  # space is back: the same command
     assert restored == [os.path.join(run, "checkpoints", "step_00000001")]
     assert [m["step"] for m in read_log(run)] == [1, 2]
@@ -529,7 +529,7 @@ SHARDS_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
-    import train
+    import sample, train
     from jax.experimental import multihost_utils
     jax.distributed.initialize(num_processes=2, process_id=int(sys.argv[3]))
     run, me = sys.argv[2], jax.process_index()
@@ -548,7 +548,7 @@ SHARDS_SCRIPT = textwrap.dedent("""
     for step, (rows, fsdp) in enumerate(saves, 1):
         rng = np.random.default_rng(step)
         host = {k: {"w": rng.normal(size=(rows, 256)), "b": rng.normal(size=6)}
-                for k in train.ARRAYS}
+                for k in sample.ARRAYS}
         host = jax.tree.map(lambda x: x.astype(np.float32), host) | {"step": np.int32(step)}
         shardings = train.state_shardings(train.make_mesh(jax.devices()), host, fsdp)
         put = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i])
@@ -556,13 +556,13 @@ SHARDS_SCRIPT = textwrap.dedent("""
         before = memory("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak resident size (VmHWM) starts again from here
-        train.save_checkpoint(run, state, {"process": me}, keep=1)
+        sample.save_checkpoint(run, state, {"process": me}, keep=1)
         out.append({"rows": rows, "fsdp": fsdp, "growth": memory("VmHWM") - before})
         # Restored with FSDP onto this process's 2 devices alone (4 -> 2).
         shapes = jax.eval_shape(lambda: host)
         shardings = train.state_shardings(train.make_mesh(jax.local_devices()), shapes, True)
         ckpt = os.path.join(run, "checkpoints", f"step_{step:08d}")
-        restored, position = train.restore_checkpoint(ckpt, shapes, shardings)
+        restored, position = sample.restore_checkpoint(ckpt, shapes, shardings)
         assert position == {"process": me}
         for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(host)):
             assert np.array_equal(a, b)
