@@ -356,7 +356,8 @@ def parse_args(argv):
     if not args.out:
         source = data.parse_sources(r.data)[0][0] if r.data else ""
         name = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(os.path.normpath(source)))[0]).strip("_")
-        args.out = os.path.join("runs", args.preset.replace("/", "") + (f"-{name}" if r.data else ""))
+        suffix = (f"-{name}" if r.data else "") + ("-distill" if r.distill_from else "")
+        args.out = os.path.join("runs", args.preset.replace("/", "") + suffix)  # never the teacher's
     return args, r
 
 def check_recipe(r, cfg):

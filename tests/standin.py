@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import model  # noqa: E402
 import sample  # noqa: E402
 
 # Class -> captions in plain, varied phrasings; the first is the class's prompt at evaluation.
@@ -345,7 +346,7 @@ def main(argv=None):
         return
     folder = args.data
     if folder is None:
-        sources = sample.read_json(os.path.join(args.run, "config.json"))["recipe"]["data"]
+        sources = model.read_json(os.path.join(args.run, "config.json"))["recipe"]["data"]
         if len(sources) != 1:
             parser.exit(2, f"standin.py: {args.run}/config.json: expected one --data folder, got "
                            f"{sources}; give --data\n")
