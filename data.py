@@ -50,20 +50,18 @@ def read_caption(sample):
     if sample.error:
         raise BadSample(*sample.error)
     text = sample.caption
-    if text is None:
-        raise BadSample("missing caption")
     try:
-        if not isinstance(text, str):
+        if text is not None and not isinstance(text, str):
             text = read_part(text, "missing caption").decode("utf-8-sig")
-        text = caption_field(json.loads(text)) if sample.caption_ext == "json" else text
-    except UnicodeDecodeError as e:
-        raise BadSample("caption not UTF-8", str(e)) from None
-    except ValueError as e:
-        raise BadSample("unreadable caption", str(e)) from None
-    if text is None:
-        raise BadSample("missing caption", 'json without a "caption" or "text" string')
-    if not text.strip():
-        raise BadSample("empty caption")
+        if text is not None and sample.caption_ext == "json":
+            text = caption_field(json.loads(text))
+            if text is None:
+                raise BadSample("missing caption", 'json without a "caption" or "text" string')
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise BadSample("caption not UTF-8" if isinstance(e, UnicodeDecodeError)
+                        else "unreadable caption", str(e)) from None
+    if text is None or not text.strip():
+        raise BadSample("missing caption" if text is None else "empty caption")
     return text.strip()
 
 def caption_field(meta):
@@ -74,8 +72,7 @@ def image_file(sample):
     """A sample's image for PIL: a whole file's path (PIL reads what it needs), a member's bytes."""
     if sample.image is None:
         raise BadSample("missing image")
-    path, offset, _ = sample.image
-    return path if offset is None else read_part(sample.image, "unreadable image")
+    return sample.image[0] if sample.image[1] is None else read_part(sample.image, "unreadable image")
 
 def read_part(part, reason):
     """The bytes of a file or tar member; `reason` is what a failed read counts as."""
@@ -220,10 +217,6 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
             more = "; further skipped samples are only counted" if n == NAMED_SKIPS else ""
             print(f"data: skipped {sample.name} ({error}){more}", file=sys.stderr)
 
-    @property
-    def skipped(self):
-        return sum(self.skip_reasons.values())
-
     def state(self):
         return json.loads(json.dumps(self._state))
 
@@ -231,16 +224,13 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         """One line: samples used, and what was skipped, upscaled or cut (each counted once)."""
         st = self._state
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skip_reasons.items()))
-        return (f"data: {st['batches'] * self.batch_size} samples used; {self.skipped} skipped"
+        return (f"data: {st['batches'] * self.batch_size} samples used; {sum(self.skip_reasons.values())} skipped"
                 f"{f' ({reasons})' if reasons else ''}; {st['upscaled']} images upscaled to "
                 f"{self.image_size} px; {st['cut']} captions cut at {self.max_length} tokens")
 
-    def close(self):
+    def __exit__(self, *exc):
         self.closed = True
         self._pool.shutdown(cancel_futures=True)
-
-    def __exit__(self, *exc):
-        self.close()
 
 class Stream:
     """One source's samples in order. Files are read and decoded on the pool `depth` ahead and wait

@@ -559,7 +559,7 @@ def log_step(log, bar, window, done, clock, r, loader):
     sums, counts = np.sum(jax.device_get([[w["loss_sum_by_t"], w["count_by_t"]] for w in window]), axis=0)
     by_t = [float(s / c) if c else None for s, c in zip(sums, counts)]
     now = time.perf_counter()
-    m |= {"step": done, "loss_by_t": by_t, "skipped": loader.skipped,
+    m |= {"step": done, "loss_by_t": by_t, "skipped": sum(loader.skip_reasons.values()),
           "images_per_s": (done - clock[1]) * r.batch_size / (now - clock[0])}
     bar.set_postfix(loss=f"{m['loss']:.4f}", by_t=" ".join("-" if x is None else f"{x:.3f}" for x in by_t),
                     img_s=f"{m['images_per_s']:.0f}")
