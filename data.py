@@ -23,14 +23,9 @@ from PIL import Image, ImageDraw, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "json")  # preferred in this order when a sample has several
-MIN_SIDE = 8  # images with a shorter side below this are skipped
-SHUFFLE_BUFFER = 1000
-PREFETCH_BATCHES = 2  # batches whose reads are under way before they are asked for
 READ_AHEAD = 16  # samples a stream may hold back for other buckets, in batches
 PROBE = 256  # image headers per file source that estimate its bucket frequencies
 NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
-STARTUP_TRIES = 32  # samples tried per source at start-up before calling it unusable
-CAPTION_SAMPLE = 50_000  # captions read per source at start-up (all of a smaller source)
 _SYNTH, _EPOCH, _MIX, _BUCKET, _CAPTIONS = 0, 1, 2, 3, 4  # separate random streams under one seed
 
 # ----------------------------------------------------------------------------- a sample
@@ -72,7 +67,8 @@ def image_file(sample):
     """A sample's image for PIL: a whole file's path (PIL reads what it needs), a member's bytes."""
     if sample.image is None:
         raise BadSample("missing image")
-    return sample.image[0] if sample.image[1] is None else read_part(sample.image, "unreadable image")
+    path, offset, _ = sample.image
+    return path if offset is None else read_part(sample.image, "unreadable image")
 
 def read_part(part, reason):
     """The bytes of a file or tar member; `reason` is what a failed read counts as."""
@@ -96,7 +92,7 @@ def load_image(src, shapes, decode=True):
             # not thread-safe: skip both here.
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 raise BadSample("decompression bomb", f"{w}x{h} px")
-            if min(w, h) < MIN_SIDE:
+            if min(w, h) < 8:
                 raise BadSample("image too small", f"{w}x{h} px")
             exif = Image.Exif()  # the header's own: PNG's getexif() decodes the image for more
             exif.load(im.info.get("exif", b""))
@@ -180,7 +176,7 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         if self.closed:
             raise RuntimeError("the data loader is closed")
         st = self._state
-        while len(self._planned) <= PREFETCH_BATCHES:  # the reads of the next batches start now
+        while len(self._planned) <= 2:  # the reads of the next two batches are under way too
             self._planned.append(self._plan(st["batches"] + len(self._planned)))
         k, slots, positions, skipped = self._planned.popleft()
         images, scaled, captions = zip(*(future.result() for _, future in slots))
@@ -222,11 +218,11 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
 
     def summary(self):
         """One line: samples used, and what was skipped, upscaled or cut (each counted once)."""
-        st = self._state
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skip_reasons.items()))
-        return (f"data: {st['batches'] * self.batch_size} samples used; {sum(self.skip_reasons.values())} skipped"
-                f"{f' ({reasons})' if reasons else ''}; {st['upscaled']} images upscaled to "
-                f"{self.image_size} px; {st['cut']} captions cut at {self.max_length} tokens")
+        st, skipped = self._state, self.skip_reasons
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        return (f"data: {st['batches'] * self.batch_size} samples used; {sum(skipped.values())} "
+                f"skipped{f' ({reasons})' if reasons else ''}; {st['upscaled']} images upscaled "
+                f"to {self.image_size} px; {st['cut']} captions cut at {self.max_length} tokens")
 
     def __exit__(self, *exc):
         self.closed = True
@@ -245,9 +241,8 @@ class Stream:
         self.order = None if isinstance(source, Synthetic) else source.samples(**self.position)
         self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
         self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
-        # What waited at the save is read again, in order (scene numbers of older saves are not).
-        waited = [(e, Sample(*ref)) for q in position.get("waiting", []) for e, ref in q
-                  if isinstance(ref, list)]
+        # What waited at the save is read again, in order.
+        waited = [(e, Sample(*ref)) for queue in position.get("waiting", []) for e, ref in queue]
         for epoch, ref, future in [(e, r, pool.submit(load_sample, r, shapes)) for e, r in waited]:
             self._queue(epoch, ref, future)
 
@@ -260,24 +255,18 @@ class Stream:
             index = self.position["consumed"] - 1
             return self.position["epoch"], self.pool.submit(self.source.read, index, self.shapes[k])
         while not self.queues[k] and sum(map(len, self.queues)) < self.limit:
-            self._pull()
-        epoch, _, future = (self.queues[k] or max(self.queues, key=len)).popleft()
-        return epoch, future
-
-    def _pull(self):
-        """Moves the next usable sample in order into its bucket's queue."""
-        while True:
-            while len(self.reading) < self.depth:
+            while len(self.reading) < self.depth:  # the next samples in order, read on the pool
                 item = next(self.order)  # (epoch, consumed, sample)
                 self.reading.append((*item, self.pool.submit(load_sample, item[2], self.shapes)))
             epoch, consumed, ref, future = self.reading.popleft()
             self.position = {"epoch": epoch, "consumed": consumed}
             if self._queue(epoch, ref, future):
                 self.good_epoch = epoch
-                return
-            if epoch > self.good_epoch + 1:
+            elif epoch > self.good_epoch + 1:
                 raise ValueError(f"--data {self.source.name}: a whole epoch without a usable"
                                  " sample")
+        epoch, _, future = (self.queues[k] or max(self.queues, key=len)).popleft()
+        return epoch, future
 
     def _queue(self, epoch, ref, future):
         """Puts a read sample in its bucket's queue; False for a bad one."""
@@ -354,7 +343,7 @@ class Files:
             rng = np.random.default_rng([self.seed, _EPOCH, self.number, epoch])
             in_units = (unit[j] for unit in self.shuffled(rng) for j in rng.permutation(len(unit)))
             n = 0
-            for n, sample in enumerate(shuffle_buffer(in_units, rng, SHUFFLE_BUFFER), 1):
+            for n, sample in enumerate(shuffle_buffer(in_units, rng, 1000), 1):
                 if n > consumed:
                     yield epoch, n, sample
             if n == 0:
@@ -457,7 +446,7 @@ def expand_braces(pattern):
     rests = expand_braces(pattern[m.end():])
     return [pattern[:m.start()] + o + rest for o in options for rest in rests]
 
-def read_captions(specs, seed=0, limit=CAPTION_SAMPLE):
+def read_captions(specs, seed=0, limit=50_000):
     """The captions of every --data source, reading no image: all of a source's, or of one of more
     than `limit` samples those of a random subset of its units. -> (captions, whether all)."""
     captions, complete = [], True
@@ -496,7 +485,7 @@ def aspect_buckets(size, patch, count=5, budget=0.1):
 
 def bucket_table(specs, seed, shapes):
     """float [sources, buckets]: each --data source's share of images nearest each bucket, from the
-    headers of PROBE samples, plus one each so that every bucket is drawn (scenes: uniform). Made
+    headers of 256 samples, plus one each so that every bucket is drawn (scenes: uniform). Made
     once, on process 0, from the whole source, for every process: all draw the same shapes."""
     sources = parse_sources(specs or ["synthetic"])
     table = np.ones((len(sources), len(shapes)))
@@ -504,7 +493,7 @@ def bucket_table(specs, seed, shapes):
         source = open_source(path, number, seed)
         if isinstance(source, Files) and len(shapes) > 1:
             units = source.shuffled(np.random.default_rng([seed, _BUCKET, number]))
-            for sample in itertools.islice(itertools.chain.from_iterable(units), PROBE):
+            for sample in itertools.islice(itertools.chain.from_iterable(units), 256):
                 with contextlib.suppress(BadSample):  # counted when the loader meets it
                     shape = load_image(image_file(sample), shapes, decode=False)
                     table[number, shapes.index(shape)] += 1
@@ -520,12 +509,12 @@ class BadSample(Exception):
         self.reason = reason
 
 def check_usable(source, shapes):
-    """Start-up: -> source if one of its first few samples has a caption and an image header that
+    """Start-up: -> source if one of its first 32 samples has a caption and an image header that
     opens (bounded effort; no image is decoded)."""
     if isinstance(source, Synthetic):
         return source
     problems = []
-    for _, _, sample in itertools.islice(source.samples(0, 0), STARTUP_TRIES):
+    for _, _, sample in itertools.islice(source.samples(0, 0), 32):
         try:
             read_caption(sample)
             load_image(image_file(sample), shapes, decode=False)
