@@ -24,7 +24,6 @@ from PIL import Image, ImageDraw, ImageOps
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "json")  # preferred in this order when a sample has several
 READ_AHEAD = 16  # samples a stream may hold back for other buckets, in batches
-PROBE = 256  # image headers per file source that estimate its bucket frequencies
 NAMED_SKIPS = 5  # skipped samples named in a warning; the rest are only counted
 _SYNTH, _EPOCH, _MIX, _BUCKET, _CAPTIONS = 0, 1, 2, 3, 4  # separate random streams under one seed
 
@@ -251,8 +250,8 @@ class Stream:
         `limit` samples wait, the oldest of the longest queue instead (recropped): the wait stays
         bounded, also for a source without bucket k, and every sample is served once."""
         if isinstance(self.source, Synthetic):
+            index = self.position["consumed"]
             self.position["consumed"] += 1
-            index = self.position["consumed"] - 1
             return self.position["epoch"], self.pool.submit(self.source.read, index, self.shapes[k])
         while not self.queues[k] and sum(map(len, self.queues)) < self.limit:
             while len(self.reading) < self.depth:  # the next samples in order, read on the pool
@@ -370,7 +369,7 @@ class Synthetic:
     """Endless scenes, each drawn at the shape asked for."""
 
     def __init__(self, number, seed, process_index, process_count):
-        self.name, self.number, self.seed = "synthetic", number, seed
+        self.number, self.seed = number, seed
         self.process_index, self.process_count = process_index, process_count
 
     def read(self, i, shape):
@@ -509,8 +508,7 @@ class BadSample(Exception):
         self.reason = reason
 
 def check_usable(source, shapes):
-    """Start-up: -> source if one of its first 32 samples has a caption and an image header that
-    opens (bounded effort; no image is decoded)."""
+    """Start-up: -> source if one of its first 32 samples has a caption and an image header."""
     if isinstance(source, Synthetic):
         return source
     problems = []
