@@ -41,8 +41,8 @@ def velocity(x0_hat, x, t, a_min):
     return (x0_hat - x) / jnp.maximum(1.0 - t, a_min)
 
 def time_grid(steps, shift=1.0):
-    """steps + 1 times from 0 (noise) to 1 (data), uniform, moved by SD3's shift (which lowers lambda =
-    log(t / (1 - t)) by log(shift) everywhere: shift < 1 puts more steps near the data)."""
+    """steps + 1 times from 0 (noise) to 1 (data), uniform, moved by SD3's shift (which lowers
+    lambda = log(t / (1 - t)) by log(shift) everywhere: shift < 1 puts more steps near the data)."""
     ts = jnp.linspace(0.0, 1.0, steps + 1)
     return ts if shift == 1.0 else ts / (ts + shift * (1.0 - ts))
 
@@ -153,11 +153,12 @@ def save_checkpoint(run, state, data_state, keep):
             if first:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint of step {step} not saved: "
-                                  f"{error or 'another process could not write'}; the last "
-                                  "checkpoint, if any, is kept and the same command resumes from it")
+                                  f"{error or 'another process could not write'}; the last one, "
+                                  "if any, is kept and the same command resumes from it")
     fresh_dir = lambda path: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
     counts = {"step": step, "processes": jax.process_count()}
-    attempt([(tmp, fresh_dir), *[(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()],
+    attempt([(tmp, fresh_dir),
+             *[(p, functools.partial(lay_out, tensors=t)) for p, t in arrays.items()],
              (os.path.join(tmp, "state.json"), functools.partial(write_json, content=counts)),
              (os.path.join(tmp, "config.json"),
               functools.partial(shutil.copy, os.path.join(run, "config.json")))] if first else [])
@@ -167,8 +168,9 @@ def save_checkpoint(run, state, data_state, keep):
     if first:
         shutil.rmtree(final, ignore_errors=True)  # a damaged one, newer than the one resumed from
         os.replace(tmp, final)
-        names = os.listdir(folder)  # the old steps, and tmp_ ones left by a kill before a rename
-        for name in sorted(d for d in names if d[:5] == "step_")[:-keep] + [d for d in names if d[:4] == "tmp_"]:
+        names = os.listdir(folder)  # tmp_ ones: left by a kill before a rename
+        old = sorted(d for d in names if d[:5] == "step_")[:-keep]
+        for name in old + [d for d in names if d[:4] == "tmp_"]:
             shutil.rmtree(os.path.join(folder, name))
     multihost_utils.sync_global_devices("checkpoint renamed")
 
@@ -207,7 +209,8 @@ def write_block(f, start, shape, index, block):
 def restore_checkpoint(path, state_shapes, shardings):
     """The state and this process's data position: each process reads from the memory-mapped
     arrays only the slices that its devices hold, whatever the mesh that wrote them."""
-    state = {"step": jnp.asarray(model.read_json(os.path.join(path, "state.json"))["step"], jnp.int32)}
+    step = model.read_json(os.path.join(path, "state.json"))["step"]
+    state = {"step": jnp.asarray(step, jnp.int32)}
     put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
                                                     lambda i: np.asarray(x[i], t.dtype))
     for k in ARRAYS:
@@ -241,9 +244,9 @@ def checkpoint_problem(ckpt):
 def checkpoints(run):
     """The step folders of a run, newest first, each with its checkpoint_problem."""
     root = os.path.join(run, "checkpoints")
-    names = [d for d in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_\d+", d)]
-    paths = [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d[5:]), reverse=True)]
-    return [(path, checkpoint_problem(path)) for path in paths]
+    names = os.listdir(root) if os.path.isdir(root) else []
+    names = sorted((d for d in names if re.fullmatch(r"step_\d+", d)), key=lambda d: -int(d[5:]))
+    return [(p, checkpoint_problem(p)) for p in (os.path.join(root, d) for d in names)]
 
 def latest_checkpoint(run):
     """The newest complete checkpoint. FileNotFoundError where the run has none at all; ValueError,
@@ -264,14 +267,16 @@ def load_denoiser(path, use_ema=True):
     """(cfg, params, settings) from a train.py run (its latest checkpoint), a checkpoint, or a
     Diffusers folder or file. settings: the T5 folder (None where it is not there), the text length,
     noise scale and guidance the model was trained (or released) for."""
-    is_checkpoint, config = os.path.isfile(os.path.join(path, "state.json")), os.path.join(path, "config.json")
-    if not (is_checkpoint or os.path.isfile(config) and "model" in model.read_json(config)):  # a run's
+    is_checkpoint = os.path.isfile(os.path.join(path, "state.json"))
+    config = os.path.join(path, "config.json")
+    if not (is_checkpoint or os.path.isfile(config) and "model" in model.read_json(config)):
         cfg, params = model.load_diffusers_mmjit(path)
         folder = model.diffusers_folder(path)[0]
         config = model.read_json(os.path.join(folder, "config.json"))
         t5 = config.get("text_encoder")  # an export's, relative to its config; not in released ones
         t5 = t5 and os.path.join(folder, t5)
-        names = {"text_length": "prompt_length", "noise_scale": "noise_scale", "guidance": "guidance"}
+        names = {"text_length": "prompt_length", "noise_scale": "noise_scale",
+                 "guidance": "guidance"}
         return cfg, params, {"t5": t5 if t5 and os.path.isdir(t5) else None,
                              **{k: config.get(name, RELEASED[k]) for k, name in names.items()}}
     ckpt = path if is_checkpoint else latest_checkpoint(path)
@@ -294,7 +299,7 @@ def export_diffusers(ckpt, out, use_ema=True, t5=None):
     """A run's (or checkpoint's) weights as a Diffusers folder, out/transformer/, its config holding
     the settings sampling reads and the T5 as a path relative to it (t5, else the run's)."""
     cfg, params, settings = load_denoiser(ckpt, use_ema)
-    t5, extra = t5 or settings["t5"], {"noise_scale": settings["noise_scale"], "guidance": settings["guidance"]}
+    t5, extra = t5 or settings["t5"], {k: settings[k] for k in ("noise_scale", "guidance")}
     extra |= {"text_encoder": os.path.relpath(t5, os.path.join(out, "transformer"))} if t5 else {}
     model.save_diffusers_mmjit(out, cfg, params, settings["text_length"], extra)
 
@@ -302,10 +307,12 @@ def load_text_encoder(path, cfg):
     """(T5Config, params, Tokenizer) from a Hugging Face T5 folder holding spiece.model."""
     t5cfg, t5params = model.load_t5(path)
     if t5cfg.d_model != cfg.txt_dim:
-        raise ValueError(f"T5 width {t5cfg.d_model} does not match the checkpoint's txt_dim {cfg.txt_dim}")
+        raise ValueError(f"T5 width {t5cfg.d_model} does not match the checkpoint's txt_dim "
+                         f"{cfg.txt_dim}")
     tokenizer = model.Tokenizer(os.path.join(path, "spiece.model"))
     if tokenizer.vocab_size > t5cfg.vocab_size:
-        raise ValueError(f"{path}: spiece.model has {tokenizer.vocab_size} pieces, the T5 only {t5cfg.vocab_size}")
+        raise ValueError(f"{path}: spiece.model has {tokenizer.vocab_size} pieces, the T5 "
+                         f"{t5cfg.vocab_size}")
     return t5cfg, t5params, tokenizer
 
 def fitted_text_length(tokenizer, captions):
@@ -319,26 +326,27 @@ def encode_once(text_encoder, captions, text_length, dtype, chunk=32):
     distinct = sorted(set(captions))
     length = int(min(text_length, tokenizer.lengths(distinct).max()))
     table = np.zeros((len(distinct), length, t5cfg.d_model), dtype)
-    for i in tqdm(range(0, len(distinct), chunk), desc="T5 features of each caption, once", unit="chunk",
-                  disable=jax.process_index() != 0):
+    for i in tqdm(range(0, len(distinct), chunk), desc="T5 features of each caption, once",
+                  unit="chunk", disable=jax.process_index() != 0):
         part = distinct[i:i + chunk]
         ids, mask = tokenizer.encode(part + [""] * (chunk - len(part)), length)
         table[i:i + len(part)] = np.asarray(encode_text(t5_params, t5cfg, ids, mask))[:len(part)]
     return {c: i for i, c in enumerate(distinct)}, table
 
 def text_report(tokenizer, captions, r, features):
-    """The start-up line on how the text encoder reads the captions; warnings where it reads badly."""
-    c = tokenizer.coverage(captions, r.text_length)
-    line = (f"text: {c['captions']} captions read, {c['unknown']:.2%} of pieces unknown, {c['cut']:.1%} cut at "
-            f"{r.text_length} tokens, median {c['median_tokens']:.0f} tokens; T5 features "
-            + (f"encoded once for {len(features[0])} distinct captions" if features else "encoded in every step"))
+    """The start-up line on how the T5 reads the captions; warnings where it reads badly."""
+    c, n = tokenizer.coverage(captions, r.text_length), r.text_length
+    how = f"once for {len(features[0])} distinct captions" if features else "in every step"
+    line = (f"text: {c['captions']} captions read, {c['unknown']:.2%} of pieces unknown, "
+            f"{c['cut']:.1%} cut at {n} tokens, median {c['median_tokens']:.0f} tokens; "
+            f"T5 features encoded {how}")
     warnings = []
     if c["unknown"] > 0.01:
-        warnings.append(f"warning: {c['unknown']:.1%} of the caption pieces are unknown to the tokenizer: those "
-                        "words all reach the model as the same <unk>")
+        warnings.append(f"warning: {c['unknown']:.1%} of the caption pieces are unknown to the "
+                        "tokenizer: those words all reach the model as the same <unk>")
     if c["cut"] > 0.05:
         need = int(np.percentile(tokenizer.lengths(captions), 99))
-        warnings.append(f"warning: {c['cut']:.0%} of the captions are cut at --text-length {r.text_length}; "
+        warnings.append(f"warning: {c['cut']:.0%} of the captions are cut at --text-length {n}; "
                         f"{need} would hold 99% of them")
     return line, warnings, c
 
@@ -400,7 +408,8 @@ def save_grid(run, done, params, cfg, grid, r, log, bar):
                                     steps=r.sample_steps, guidance=r.guidance))
         name = f"step_{done:06d}" + ("" if h == w == cfg.image_size else f"_{w}x{h}") + ".png"
         if first:
-            make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS]).save(os.path.join(run, "samples", name))
+            shown = make_grid(images[:GRID_PROMPTS], grid["prompts"][:GRID_PROMPTS])
+            shown.save(os.path.join(run, "samples", name))
         score = data.faithfulness(images, grid["prompts"]) if h == w and not r.data else score
     if score is not None and first:
         bar.write(f"step {done}: faithfulness {score:.0%} of {len(grid['prompts'])} prompts")
@@ -536,12 +545,12 @@ def main(argv=None):
 def generate(args):
     """Every (prompt, sample) pair in one list, cut into equal batches (the last padded): one
     compiled sampler serves them all."""
-    read = lambda path: [line.strip() for line in open(path) if line.strip()]
-    prompts = args.prompt + (checked("--prompts-file", read, args.prompts_file) if args.prompts_file else [])
+    read = lambda path: [line.strip() for line in open(path) if line.strip()] if path else []
+    prompts = args.prompt + checked("--prompts-file", read, args.prompts_file)
     require(prompts, "no prompts: give --prompt or --prompts-file")
     for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
         require(value is None or value >= 1, f"{flag} must be at least 1, got {value}")
-    require(args.guidance is None or args.guidance >= 0, f"--guidance must be >= 0, got {args.guidance}")
+    require((args.guidance or 0) >= 0, f"--guidance must be >= 0, got {args.guidance}")
     require(args.time_shift > 0, f"--time-shift must be > 0, got {args.time_shift}")
     require(os.path.exists(args.ckpt), f"--ckpt {args.ckpt}: no such file or directory")
     ckpt = f"--ckpt {args.ckpt}"
@@ -563,13 +572,15 @@ def generate(args):
         if c["unknown"]:
             print(f"{said} has words the tokenizer reads as <unk>", file=sys.stderr)
         if c["cut"]:
-            print(f"{said} is {c['median_tokens']:.0f} tokens, cut to the model's {text_length}", file=sys.stderr)
+            print(f"{said} is {c['median_tokens']:.0f} tokens, cut to the model's {text_length}",
+                  file=sys.stderr)
     out = args.out or (None if args.out_dir else "grid.png")
     for folder in filter(None, (args.out_dir, out and os.path.dirname(out))):  # now, not at the end
         os.makedirs(folder, exist_ok=True)
     items = [(i, j) for i in range(len(prompts)) for j in range(args.n)]
     batch, grid = min(args.batch_size, len(items)), []
-    for start in tqdm(range(0, len(items), batch), desc=f"{args.sampler}, {steps} steps a batch", unit="batch"):
+    desc = f"{args.sampler}, {steps} steps a batch"
+    for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)),
                                      text_length)
@@ -585,8 +596,9 @@ def generate(args):
         images = np.asarray(images)[:len(chunk)]
         for k, ((i, j), image) in enumerate(zip(chunk, images) if args.out_dir else []):
             save_png(os.path.join(args.out_dir, f"{i:04d}_{j}.png"), image, {
-                "prompt": prompts[i], "seed": args.seed + start + k, "steps": steps, "guidance": guidance,
-                "sampler": args.sampler, "width": shape[1], "height": shape[0]})
+                "prompt": prompts[i], "seed": args.seed + start + k, "steps": steps,
+                "guidance": guidance, "sampler": args.sampler, "height": shape[0],
+                "width": shape[1]})
         if out:  # kept only for the grid: a benchmark-sized job writes its PNGs and holds nothing
             grid.append(images)
     if out:  # one row per prompt, the prompt under each of its images (one image each: a square)

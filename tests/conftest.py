@@ -8,10 +8,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")  # an unchanged copy of ../shared/fixtures: a clone needs nothing beside it
 
-# A small train.py run (16 px images, 12 text tokens, batch 4) that the tests of train.py and sample.py share:
-# square only (one compiled step per run; the tests that are about buckets turn --multi-aspect back on).
-SMALL_RUN = ["--image-size", "16", "--batch-size", "4", "--text-length", "12", "--log-every", "1", "--sample-every", "0",
-             "--no-multi-aspect"]
 
 # Tests compile the same small programs many times over (each run of train.main, each subprocess): JAX's
 # persistent compilation cache, shared through the environment with the subprocesses, compiles each once.
@@ -20,6 +16,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (after the environment it reads at import)
 import numpy as np  # noqa: E402
+
+import model  # noqa: E402
+
+# A small train.py run (16 px images, 12 text tokens, batch 4) that the tests of train.py and sample.py
+# share: square only (one compiled step per run; the tests that are about buckets turn --multi-aspect back
+# on), and a one-block MM-JiT. Their subject is the run (resume, signals, checkpoints, logs), not the model:
+# the tiny preset costs 4x the CPU time a run. The overfit tests train the real tiny model.
+model.PRESETS["test"] = model.MMJiTConfig(hidden_size=64, depth=1, txt_preamble_depth=1, num_heads=2,
+                                          head_dim=32, pca_channels=8)
+SMALL_RUN = ["--model", "test", "--image-size", "16", "--batch-size", "4", "--text-length", "12",
+             "--log-every", "1", "--sample-every", "0", "--no-multi-aspect"]
+# train.py in a process of its own, with the test preset known
+TRAIN = [sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); "
+         "import conftest, train; train.main()"]
 
 
 @contextlib.contextmanager

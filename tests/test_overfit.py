@@ -22,7 +22,7 @@ from conftest import USER_CAPTIONS, compiles, write_user_folder
 
 SCENES = [data.Scene("circle", "red", "white"), data.Scene("square", "blue", "black", 1, "left"),
           data.Scene("triangle", "yellow", "gray", 1, "top"), data.Scene("circle", "green", "blue", 2)]
-STEPS = 440
+STEPS = 240  # with Muon: the last 50 losses 0.08 at 200 steps, 0.04 at 280; PSNR >= 23.7 dB at 200
 SHAPES = [(12, 24), (24, 12)]  # (H, W): 2:1 and 1:2, 18 patches of 4 x 4 each
 
 
@@ -71,8 +71,8 @@ def test_tiny_overfit(tmp_path, dataset):
                 losses.append(metrics["loss"])
     assert compiled == ["jit(train_step)"] * len(SHAPES)  # and nothing was compiled again
     losses = np.array(losses)
-    # (a) The v-loss starts near 1.2 (measured); memorising four images takes it to 0.06 (measured, last 50
-    # steps). 0.2 still means |x0_hat - x| under 0.45 (1 - t) per pixel: the images are learnt.
+    # (a) The v-loss starts near 1.2-1.6 (measured); memorising four images takes it to 0.04-0.08 (measured,
+    # last 50 steps, see STEPS). 0.2 still means |x0_hat - x| under 0.45 (1 - t) per pixel: the images are learnt.
     assert losses[-50:].mean() < 0.2 and losses[:10].mean() > 0.8, losses[::50]
 
     context = sample.encode_text(t5_params, t5cfg, ids, mask)

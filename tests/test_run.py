@@ -20,9 +20,8 @@ import data
 import model
 import sample
 import train
-from conftest import FIXTURES, ROOT, SMALL_RUN, USER_CAPTIONS, write_user_folder
+from conftest import FIXTURES, ROOT, SMALL_RUN, TRAIN, USER_CAPTIONS, write_user_folder
 
-TRAIN = [sys.executable, os.path.join(ROOT, "train.py")]
 
 
 def read_log(run):
@@ -121,7 +120,7 @@ def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
     (["--steps", "-5"], "--steps -5: expected at least 1"),
     (["--warmup", "-1"], "--warmup -1: expected 0 or more"),
     (["--precision", "float16"], "--precision float16: expected float32 or bfloat16"),
-    (["--preset", "b32-pretrain"], "the B/32 model reads 1024-wide FLAN-T5 features; give --t5 DIR"),
+    (["--preset", "b32-pretrain", "--model", "B/32"], "the B/32 model reads 1024-wide FLAN-T5 features; give --t5 DIR"),
     (["--data", "/no/such/path"], "--data /no/such/path: no such file or directory"),
     (["--data", "EMPTY"], "no images found"),
     (["--data", "NO_CAPTIONS"], "not one readable caption"),
@@ -140,7 +139,7 @@ def test_startup_mistakes_write_nothing(tmp_path, flags, message):
 
 
 def test_a_mistake_is_one_line_and_exit_2_from_the_shell(tmp_path):
-    proc = subprocess.run(TRAIN + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"train.py: error: --data {tmp_path / 'nowhere'}: no such file or directory")

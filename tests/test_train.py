@@ -22,7 +22,7 @@ import data
 import model
 import sample
 import train
-from conftest import FIXTURES, ROOT, SMALL_RUN as SMALL
+from conftest import FIXTURES, ROOT, SMALL_RUN as SMALL, TRAIN
 
 
 def test_loss_matches_reference():
@@ -299,7 +299,7 @@ def run_cli(*args, timeout=240):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SMALL, "--out", run, "--steps", "100000",
+    proc = subprocess.Popen([*TRAIN, *SMALL, "--out", run, "--steps", "100000",
                              "--ckpt-every", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = os.path.join(run, "log.jsonl")
     deadline = time.time() + 180
@@ -335,7 +335,7 @@ def test_other_config_in_out_dir_and_wrong_init(tmp_path):
     train.main(SMALL + ["--out", run, "--steps", "1", "--ckpt-every", "1"])
     before = open(os.path.join(run, "config.json")).read()
     with pytest.raises(train.UsageError, match="holds another run .image_size 16 -> 24"):
-        train.main(SMALL[:1] + ["24"] + SMALL[2:] + ["--out", run, "--steps", "2"])
+        train.main(SMALL + ["--image-size", "24", "--out", run, "--steps", "2"])
     assert open(os.path.join(run, "config.json")).read() == before
     # A checkpoint of another shape (16 px vs 24 px changes nothing in the weights; another text encoder
     # width does): the error names the key, and no run directory is left half-made.
@@ -429,7 +429,7 @@ def test_two_hosts_on_loopback(tmp_path):
     feeds half of the global batch, process 0 writes the arrays, each process its own data position. SIGTERM
     reaches only process 1, as a preemption notice may: both must stop after the same step and save it."""
     run, port = str(tmp_path / "run"), 20000 + os.getpid() % 20000
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SMALL, "--out", run, "--steps", "10000",
+    procs = [subprocess.Popen([*TRAIN, *SMALL, "--out", run, "--steps", "10000",
                                "--ckpt-every", "10000", "--distributed"], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE,
                               env=os.environ | {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_NUM_PROCESSES": "2",
