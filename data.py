@@ -1,8 +1,7 @@
-"""Image-caption data for MiniT2I, host side: a sample (a caption, an image cropped to the bucket
-nearest its aspect ratio), the Loader and its per-source streams, then sources, buckets, bad input
-and synthetic scenes. Batches never depend on thread timing: sample orders are functions of (seed,
-epoch, process), batches' buckets and sources of (seed, batch index), so a small position (per
-source: epoch, samples taken, what waits in its buckets) resumes exactly."""
+"""Image-caption data for MiniT2I, host side: a sample, the Loader and its per-source streams,
+then sources, buckets, bad input and synthetic scenes. Batches never depend on thread timing: orders
+are functions of (seed, epoch, process), a batch's bucket and sources of (seed, batch index), so a
+small position (per source: epoch, samples taken, what waits in its buckets) resumes exactly."""
 
 import collections
 import collections.abc
@@ -80,15 +79,13 @@ def read_part(part, reason):
         raise BadSample(reason, str(e)) from None
 
 def load_image(src, shapes, decode=True):
-    """Bytes or a path -> (uint8 [H, W, 3] RGB, upscaled): upright by its EXIF orientation, center-
-    cropped to the (H, W) of `shapes` (an int: one square) nearest its aspect ratio in one resize.
-    That shape comes from the header (all that decode=False reads and returns): one decode."""
+    """Bytes or a path -> (uint8 [H, W, 3] RGB, upscaled), upright, center-cropped to the (H, W)
+    of `shapes` (an int: a square) nearest its aspect ratio; decode=False: only that (H, W)."""
     shapes = [(shapes, shapes)] if isinstance(shapes, int) else shapes
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
-            # PIL raises above 2x its pixel limit but only warns above 1x, and a warnings filter is
-            # not thread-safe: skip both here.
+            # PIL only warns from 1x to 2x its pixel limit (warnings filters are not thread-safe)
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 raise BadSample("decompression bomb", f"{w}x{h} px")
             if min(w, h) < 8:
@@ -130,10 +127,9 @@ def to_rgb(im):
 
 class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
     """Batches {"images": float32 [B, H, W, 3] in [-1, 1], "ids", "mask": int32 [B, L], "captions"}
-    from weighted --data sources, each batch of one of `buckets` (H, W) (default: an image_size
-    square). Processes must share `frequencies` (process 0's bucket_table). state(): the position
-    after the last batch, to pass back as `state`. The tokenizer: encode(texts, max_length) ->
-    (ids, mask), lengths(texts) -> untruncated token counts."""
+    from weighted --data sources, each of one of `buckets` (H, W) (default: an image_size square).
+    Processes share `frequencies` (process 0's bucket_table). state(): the position to pass back as
+    `state`. The tokenizer: encode(texts, max_length) -> (ids, mask), lengths(texts) -> counts."""
 
     def __init__(self, sources, image_size, batch_size, tokenizer, max_length, seed=0,
                  process_index=0, process_count=1, num_workers=None, state=None, buckets=None,
@@ -194,10 +190,9 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
                 "captions": list(captions)}
 
     def _plan(self, b):
-        """Batch b's bucket k, slots [(epoch, future of a sample)], the position after it. Bucket
-        and sources come from (seed, b) alone, the same on every host: the bucket is frac(phase +
-        b * golden ratio) through the cumulative frequencies, within a few batches of its share
-        (independent draws would stray by sqrt(b))."""
+        """Batch b's bucket k, slots [(epoch, future of a sample)], the position after it, from
+        (seed, b) alone: the bucket is frac(phase + b * golden ratio) through the cumulative
+        frequencies, within a few batches of its share (independent draws stray by sqrt(b))."""
         u = (self.bucket_phase + b * (5**0.5 - 1) / 2) % 1
         k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
         p = self.joint[:, k] / self.joint[:, k].sum()
@@ -228,9 +223,8 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         self._pool.shutdown(cancel_futures=True)
 
 class Stream:
-    """One source's samples in order. Files are read and decoded on the pool `depth` ahead and wait
-    in their bucket's queue for a batch of that shape (a bad one goes to `skip` in the first pass);
-    a scene is drawn at the bucket asked."""
+    """One source's samples in order, read `depth` ahead on the pool, each waiting in its bucket's
+    queue for a batch of its shape (a bad one goes to `skip`); a scene is drawn as asked."""
 
     def __init__(self, source, shapes, position, pool, depth, limit, skip):
         self.source, self.shapes, self.pool, self.depth, self.limit, self.skip = (
@@ -300,8 +294,7 @@ def parse_sources(specs):
     return sources
 
 def open_source(path, number, seed, process_index=0, process_count=1):
-    """A --data path -> a source of this process's share: shards[process_index::process_count] of
-    tar shards, the same split of the samples of a folder or manifest."""
+    """A --data path -> this process's share, units[process_index::process_count] of its units."""
     if path == "synthetic":
         return Synthetic(number, seed, process_index, process_count)
     expected = "expected .tar shards, a brace pattern of them, an image folder, a .jsonl manifest"
@@ -330,8 +323,8 @@ def open_source(path, number, seed, process_index=0, process_count=1):
     return Files(path, mine, number, seed)
 
 class Files:
-    """Samples from files, in an order reshuffled every epoch: units (tar shards, or samples) in a
-    random order, each unit's samples in a random order, through a shuffle buffer."""
+    """Samples from files reshuffled every epoch: units (tar shards, or samples) and each unit's
+    samples in a random order, through a shuffle buffer."""
 
     def __init__(self, name, units, number, seed):
         self.name, self.units, self.number, self.seed = name, units, number, seed
@@ -472,9 +465,8 @@ def read_captions(specs, seed=0, limit=50_000):
 # ----------------------------------------------------------------------------- aspect-ratio buckets
 
 def aspect_buckets(size, patch, count=5, budget=0.1):
-    """(height, width) multiples of `patch` for `count` ratios log-spaced from 1:2 to 2:1: the grid
-    nearest each ratio within `budget` of size x size pixels. Small grids miss their ratio: at 32
-    px, patch 4, they are 24x44 (1.83:1), 28x40, 32x32 and transposes."""
+    """(height, width) multiples of `patch` nearest `count` ratios from 1:2 to 2:1 within `budget`
+    of size^2 pixels: at 32 px, patch 4, 24x44 (1.83:1), 28x40, 32x32 and transposes."""
     g = size // patch
     grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
              if abs(r * c - g * g) <= budget * g * g]
@@ -483,9 +475,8 @@ def aspect_buckets(size, patch, count=5, budget=0.1):
     return list(dict.fromkeys((r * patch, c * patch) for r, c in nearest))
 
 def bucket_table(specs, seed, shapes):
-    """float [sources, buckets]: each --data source's share of images nearest each bucket, from the
-    headers of 256 samples, plus one each so that every bucket is drawn (scenes: uniform). Made
-    once, on process 0, from the whole source, for every process: all draw the same shapes."""
+    """float [sources, buckets]: each source's share of images nearest each bucket, from 256
+    headers, plus one: every bucket is drawn (scenes: uniform). Made on process 0 for all."""
     sources = parse_sources(specs or ["synthetic"])
     table = np.ones((len(sources), len(shapes)))
     for number, (path, _) in enumerate(sources):
