@@ -181,7 +181,7 @@ def real_images(folder, size):
         if not paths:
             sys.exit(f"standin.py: {folder}/{name}: no images (expected a folder made by "
                      "`standin.py write`)")
-        images += [data.load_image(p, size)[0] for p in paths]
+        images += [data.load_image(p, size)[0] / 127.5 - 1.0 for p in paths]  # uint8 -> [-1, 1]
         labels += [c] * len(paths)
     return np.stack(images), np.array(labels)
 
