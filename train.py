@@ -28,7 +28,7 @@ from tqdm import tqdm
 import data
 import model
 import sample
-from sample import CheckpointError, UsageError, checked
+from sample import CheckpointError, UsageError, checked, require
 
 # ----------------------------------------------------------------------------------------------- recipes
 
@@ -70,9 +70,9 @@ class Recipe:
     keep: int = field(3, "checkpoints kept")
     init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
     distill_from: str = field("", "distil a run or checkpoint (its EMA) into a few-step MeanFlow student")
-    r_equals_t: float = field(0.5, "distillation: share of examples with no jump (r = t)")
-    w_min: float = field(1.0, "distillation: the student learns guidance scales w in [w_min, w_max]")
-    w_max: float = field(5.0, "distillation: see --w-min")
+    r_equals_t: float = field(0.25, "distillation: share of examples with no jump (r = t)")
+    w_min: float = field(2.0, "distillation: the student learns guidance scales w in [w_min, w_max]")
+    w_max: float = field(4.0, "distillation: see --w-min")
 
 # Fields a resumed run may change: not what it computes (lr: to go on after a loss went non-finite).
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
@@ -85,8 +85,8 @@ RECIPES = {"tiny": Recipe(), "b32-pretrain": Recipe(model="B/32", **PRETRAIN),
            "b16-pretrain": Recipe(model="B/16", **PRETRAIN), "b16-finetune": Recipe(model="B/16", **FINETUNE),
            "l16-pretrain": Recipe(model="L/16", **PRETRAIN), "l16-finetune": Recipe(model="L/16", **FINETUNE)}
 # A student's defaults over its preset's: measured on tiny; for the paper's, the authors' branch.
-DISTILL = {"tiny": dict(steps=100, lr=5e-4, warmup=10, ema=0.99, sample_every=50, sample_steps=4, ckpt_every=50),
-           "paper": dict(steps=50_000, warmup=1000, sample_steps=4)}
+DISTILL = {"tiny": dict(steps=100, lr=2.5e-4, warmup=10, ema=0.99, sample_steps=4),
+           "paper": dict(steps=50_000, warmup=1000, sample_steps=4, r_equals_t=0.5)}
 TINY_T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2)  # the random T5 of runs without --t5
 STREAMS = ("init", "step", "grid", "t5")  # random streams under the one seed: none shares bits with another
 FEATURE_BYTES = 4 << 30  # T5 features of a run's distinct captions kept in host memory up to this size
@@ -109,11 +109,10 @@ def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise
                      remat=False):
     """The second objective, a few-step student's (--distill-from): its average velocity u and the
     MeanFlow target [B, H, W, C] for a jump from t to s >= t (the papers' r) at guidance w (t, s, w:
-    [B]). A jump lands on x_s = x_t + (s - t) u(x_t, t, s): (s - t) u = integral_t^s v.
-    Differentiating in t at fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so
-        u = v + (s - t) du/dt,   du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input):
-    one jax.jvp with tangents (v, 1, -1). v: the frozen teacher's guided velocity; the target is held
-    fixed; at s = t it is v itself: guidance distillation."""
+    [B]): x_s = x_t + (s - t) u(x_t, t, s), (s - t) u = integral_t^s v. Differentiating in t at
+    fixed s along the path (dx_t/dt = v): -u + (s - t) du/dt = -v, so u = v + (s - t) du/dt,
+        du/dt = v . d_x u + d_t u - d_h u   (h = s - t, an input): one jax.jvp, tangents (v, 1, -1);
+    v: the frozen teacher's guided velocity. The target is held fixed; at s = t it is v."""
     expand = lambda a: a[:, None, None, None]
     x_t = expand(t) * images + expand(1 - t) * noise
     guided = sample.guided_denoiser(teacher, cfg, context, mask, dtype)
@@ -125,9 +124,9 @@ def mean_flow_target(params, teacher, cfg, images, context, mask, t, s, w, noise
     u, du_dt = jax.jvp(u_fn, (x_t, t, s - t), (v, jnp.ones_like(t), -jnp.ones_like(t)))
     return u, jax.lax.stop_gradient(v + expand(s - t) * du_dt)
 
-def mean_flow_loss(params, teacher, cfg, *batch, a_min, dtype, remat=False):
+def mean_flow_loss(params, teacher, cfg, r, *batch):
     """MeanFlow's adaptively weighted loss [B]: each error over itself, held fixed (so, near 1)."""
-    u, target = mean_flow_target(params, teacher, cfg, *batch, a_min, dtype, remat)
+    u, target = mean_flow_target(params, teacher, cfg, *batch, r.a_min, r.precision, r.remat)
     err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))
     return err / jax.lax.stop_gradient(err + 1e-3)
 
@@ -195,15 +194,13 @@ def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
     return descend(state, loss_fn, (images, context, mask, t, noise), t, r, mesh)
 
 def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
-    """A student's step: (t, s) sorted uniform times, s = t for a share r_equals_t; w uniform in
-    [w_min, w_max]; no caption drop (the teacher's guidance has the unconditional branch)."""
+    """A student's step: t < s uniform, s = t for a share r_equals_t, w ~ U[w_min, w_max]."""
     B, keys = images.shape[0], jax.random.split(jax.random.fold_in(rng(r.seed, "step"), state["step"]), 4)
     t, s = jnp.sort(jax.random.uniform(keys[0], (2, B)), axis=0)
     s = jnp.where(jax.random.uniform(keys[1], (B,)) < r.r_equals_t, t, s)
     w = jax.random.uniform(keys[2], (B,), minval=r.w_min, maxval=r.w_max)
     noise = r.noise_scale * jax.random.normal(keys[3], images.shape)
-    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, *batch, a_min=r.a_min,
-                                               dtype=jnp.dtype(r.precision), remat=r.remat)
+    loss_fn = lambda p, *batch: mean_flow_loss(p, teacher, cfg, r, *batch)
     return descend(state, loss_fn, (images, context, mask, t, s, w, noise), t, r, mesh)
 
 def descend(state, loss_fn, batch, t, r, mesh):
@@ -428,7 +425,10 @@ def prepare_run(run, r, fit_text_length):
     if first and not resume:
         shutil.rmtree(folder, ignore_errors=True)  # left by a second Ctrl-C
         if r.distill_from and not r.t5:  # the teacher's own: the features it was trained on
-            shutil.copytree(sample.load_denoiser(r.distill_from)[2]["t5"], t5_path)
+            flag = f"--distill-from {r.distill_from}"
+            own = checked(flag, sample.load_denoiser, r.distill_from)[2]["t5"]
+            require(own, f"{flag}: the teacher's T5 folder (RUN/t5) is missing; give --t5 DIR")
+            shutil.copytree(own, t5_path)
         elif not r.t5:
             make_tiny_text_encoder(t5_path, captions, r.seed)
     multihost_utils.sync_global_devices("text encoder ready")

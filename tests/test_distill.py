@@ -4,17 +4,22 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 import data
 import model
 import sample
 import train
-from conftest import SMALL_RUN
+from conftest import ROOT, SMALL_RUN
 
 
 def read_log(run):
@@ -25,7 +30,7 @@ def read_log(run):
 def test_distillation_resumes_exactly(tmp_path):
     """A student's 4 steps, then 4 more from its checkpoint, equal 8 uninterrupted ones, bit for
     bit: the teacher is reloaded on resume and every draw (t, r, w, noise) is the step's. Then the
-    student's export to the Diffusers layout."""
+    student's export to the Diffusers layout, and a teacher without its T5 folder."""
     teacher, straight, split = (str(tmp_path / n) for n in ("teacher", "straight", "split"))
     train.main(SMALL_RUN + ["--out", teacher, "--steps", "2"])
     student = SMALL_RUN + ["--distill-from", teacher, "--sample-every", "0"]
@@ -54,6 +59,13 @@ def test_distillation_resumes_exactly(tmp_path):
         pngs[len(pngs)] = np.asarray(Image.open(out))
     np.testing.assert_array_equal(pngs[0], pngs[1])
     assert not np.array_equal(pngs[1], pngs[2])
+
+    # A teacher whose T5 folder is gone: one line that says so, and no student run left behind.
+    shutil.rmtree(os.path.join(teacher, "t5"))
+    missing = r"--distill-from .*: the teacher.s T5 folder .* is missing; give --t5"
+    with pytest.raises(sample.UsageError, match=missing):
+        train.main(student + ["--out", str(tmp_path / "orphan")])
+    assert not any(name.startswith("orphan") for name in os.listdir(tmp_path))
 
 
 CFG = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
@@ -169,3 +181,64 @@ def test_tiny_student_draws_its_captions_in_four_jumps(tmp_path):
             scores = [psnr(out[i], im) for im in images]
             others = [x for k, x in enumerate(scores) if k != j]
             assert scores[j] >= 18 and max(others) < 12, (order, scores)
+
+
+DEVICES_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import dataclasses, functools, json, sys
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import model, train
+    jax.config.update("jax_default_matmul_precision", "highest")
+    cfg = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
+                            num_heads=2, head_dim=16, pca_channels=8, mean_flow=True)
+    teacher = jax.tree.map(np.array, model.init_mmjit(jax.random.key(1),
+                                                      dataclasses.replace(cfg, mean_flow=False)))
+    teacher["final_layer"]["linear"]["weight"] += 0.1  # not the zero start: a teacher that matters
+    other = jax.tree.map(lambda x: 1.1 * x, teacher)
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
+             "context": rng.normal(size=(4, 5, 16)).astype(np.float32),
+             "mask": np.ones((4, 5), np.int32)}
+    init = functools.partial(train.init_state, cfg=cfg)
+    start = jax.device_get(jax.jit(init)(jax.random.key(0)))
+    start |= {"params": start["params"] | teacher,
+              "ema": start["ema"] | jax.tree.map(np.copy, teacher)}
+    out = {}
+    for n, fsdp, precision in [(1, False, "float32"), (2, True, "float32"), (2, False, "bfloat16")]:
+        r = train.Recipe(batch_size=4, fsdp=fsdp, precision=precision, distill_from="x", lr=1e-2,
+                         warmup=1, muon=False)
+        frozen = ({}, jax.tree.map(lambda x: np.asarray(x, precision), teacher))
+        step, shardings, batch_sharding = train.make_train_step(
+            train.make_mesh(jax.devices()[:n]), jax.eval_shape(init, jax.random.key(0)), frozen,
+            cfg, None, r)
+        sharded = jax.device_put(batch, batch_sharding)
+        step = step.lower(jax.device_put(start, shardings), frozen, sharded).compile()
+        another = ({}, jax.tree.map(lambda x: np.asarray(x, precision), other))
+        _, changed = step(jax.device_put(start, shardings), another, sharded)  # the same program
+        state, first = step(jax.device_put(start, shardings), frozen, sharded)
+        state, metrics = step(state, frozen, sharded)
+        out[f"{n}-{fsdp}-{precision}"] = {
+            "loss": float(metrics["loss"]), "changed": float(changed["loss"]),
+            "first": float(first["loss"]),
+            "qkv": np.asarray(state["params"]["double_blocks"][0]["img_qkv"]["weight"]).tolist()}
+    print(json.dumps(out))
+""")
+
+
+def test_distillation_on_two_devices():
+    """Two steps of a student on 1 and on 2 (simulated) devices, with FSDP, and data-parallel in
+    bfloat16: the same loss and update in float32, finite in bfloat16. The teacher is an input of
+    the compiled step (a closure would make it a constant): the same program with another teacher
+    gives another loss."""
+    proc = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT, ROOT], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = out.pop("1-False-float32")
+    for name, m in out.items():
+        assert np.isfinite(m["loss"]) and abs(m["changed"] - m["first"]) > 1e-3, (name, m)
+        if name.endswith("float32"):
+            np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-5)
+            np.testing.assert_allclose(m["qkv"], ref["qkv"], atol=1e-5)
