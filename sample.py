@@ -6,9 +6,8 @@ classifier-free guidance, then write a captioned grid PNG and, with --out-dir, o
     python sample.py --ckpt MiniT2I-B16 --t5 flan-t5-large --prompts-file geneval.txt --out-dir out/
     python sample.py --ckpt runs/tiny --export-diffusers MiniT2I-tiny  # weights, Diffusers layout
 
---ckpt is a train.py run directory (its latest checkpoint), one of its checkpoints/step_XXXXXXXX
-folders, or a Diffusers folder (released, or exported); run weights are the EMA ones unless
---no-ema. A released folder needs --t5, as does an export moved away from its T5."""
+--ckpt: a train.py run (its latest checkpoint), one of its checkpoints/step_XXXXXXXX folders, or a
+Diffusers folder (released or exported), EMA weights unless --no-ema; a released one needs --t5."""
 import argparse
 import functools
 import itertools
@@ -78,9 +77,8 @@ def dpm_2m_weights(ts, scales):
     return jnp.where((i < n - (2 if n < 15 else 1)) & same_scale, e, 0.0)
 
 def guided_denoiser(params, cfg, context, mask, dtype):
-    """denoise(x, t, s): x0_hat for x [B, H, W, 3] under classifier-free guidance uncond + s (cond -
-    uncond), s a scalar or [B, 1, 1, 1], the unconditional branch an all-zero mask (as caption drop
-    trains it), both one batch of 2B; at s = 1 the conditional one alone. t is unused."""
+    """denoise(x, t, s): x0_hat of x [B, H, W, 3] guided as uncond + s (cond - uncond), s a scalar
+    or [B, 1, 1, 1]; uncond under an all-zero mask (as caption drop trains it); s = 1: cond only."""
     B, mask2 = mask.shape[0], jnp.concatenate([mask, jnp.zeros_like(mask)])
     txt2 = model.text_adapter(params, cfg, jnp.concatenate([context, context]), mask2, dtype)
     net = lambda x, txt: model.denoise(params, cfg, x, txt, dtype)
@@ -110,16 +108,12 @@ def sample(params, cfg, context, mask, noise, steps=100, guidance=6.0, sampler="
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "dtype"))
 def mean_flow_sample(params, cfg, context, mask, noise, steps=4, guidance=3.0, dtype=jnp.float32):
-    """A MeanFlow student's images in `steps` uniform jumps, one network pass each (guidance is its
-    input w): a jump from t to s lands on x_t + (s - t) u, u = (x0_hat - x_t) / (1 - t)."""
+    """A MeanFlow student's images in `steps` uniform jumps of h = 1 / steps, one network pass each
+    (guidance is its input w): solve's Euler step on the student's x0_hat is the jump x_t + h u."""
     txt = model.text_adapter(params, cfg, context, mask, dtype)
-    ts, w = time_grid(steps), jnp.full(noise.shape[:1], guidance)
-    def jump(i, x):
-        h = jnp.full_like(w, ts[i + 1] - ts[i])
-        x0_hat = model.mean_flow_apply(params, cfg, x, txt, h, w, dtype)
-        ratio = (1.0 - ts[i + 1]) / (1.0 - ts[i])
-        return ratio * x + (1.0 - ratio) * x0_hat
-    return jax.lax.fori_loop(0, steps, jump, noise)
+    h, w = jnp.full(noise.shape[:1], 1.0 / steps), jnp.full(noise.shape[:1], guidance)  # [B] each
+    denoise = lambda x, t, s: model.mean_flow_apply(params, cfg, x, txt, h, w, dtype)
+    return solve(denoise, noise, time_grid(steps), jnp.ones(steps))
 
 encode_text = jax.jit(model.t5_encode, static_argnums=1)  # (params, t5cfg, ids, mask) -> [B, L, Dt]
 
@@ -209,8 +203,7 @@ def write_block(f, start, shape, index, block):
 def restore_checkpoint(path, state_shapes, shardings):
     """The state and this process's data position: each process reads from the memory-mapped
     arrays only the slices that its devices hold, whatever the mesh that wrote them."""
-    step = model.read_json(os.path.join(path, "state.json"))["step"]
-    state = {"step": jnp.asarray(step, jnp.int32)}
+    state = {"step": jnp.int32(model.read_json(os.path.join(path, "state.json"))["step"])}
     put = lambda x, t: jax.make_array_from_callback(t.shape, t.sharding,
                                                     lambda i: np.asarray(x[i], t.dtype))
     for k in ARRAYS:
@@ -264,9 +257,8 @@ def latest_checkpoint(run):
 # ------------------------------------------------------------------------------------------ loading
 
 def load_denoiser(path, use_ema=True):
-    """(cfg, params, settings) from a train.py run (its latest checkpoint), a checkpoint, or a
-    Diffusers folder or file. settings: the T5 folder (None where it is not there), the text length,
-    noise scale and guidance the model was trained (or released) for."""
+    """(cfg, params, settings) of a train.py run (its latest checkpoint), a checkpoint, a Diffusers
+    folder or file; settings: its T5 folder (or None), text length, noise scale and guidance."""
     is_checkpoint = os.path.isfile(os.path.join(path, "state.json"))
     config = os.path.join(path, "config.json")
     if not (is_checkpoint or os.path.isfile(config) and "model" in model.read_json(config)):
@@ -275,8 +267,7 @@ def load_denoiser(path, use_ema=True):
         config = model.read_json(os.path.join(folder, "config.json"))
         t5 = config.get("text_encoder")  # an export's, relative to its config; not in released ones
         t5 = t5 and os.path.join(folder, t5)
-        names = {"text_length": "prompt_length", "noise_scale": "noise_scale",
-                 "guidance": "guidance"}
+        names = dict(text_length="prompt_length", noise_scale="noise_scale", guidance="guidance")
         return cfg, params, {"t5": t5 if t5 and os.path.isdir(t5) else None,
                              **{k: config.get(name, RELEASED[k]) for k, name in names.items()}}
     ckpt = path if is_checkpoint else latest_checkpoint(path)
@@ -397,9 +388,8 @@ def grid_prompts(r, captions):
     return data.SYNTHETIC_PROMPTS + chosen if not r.data else chosen
 
 def save_grid(run, done, params, cfg, grid, r, log, bar):
-    """EMA samples from the same noise every time, one grid per shape (tallest, square, widest):
-    samples/step_NNNNNN[_WxH].png, then the loss picture. Returns (and logs), for the built-in
-    shapes, the share of the square grid's 64 samples that show their prompt."""
+    """EMA samples from the same noise each time, a grid per shape: samples/step_NNNNNN[_WxH].png;
+    for the built-in shapes, the share of the square grid's 64 that show their prompt (logged)."""
     score, first = None, jax.process_index() == 0
     sampler = mean_flow_sample if cfg.mean_flow else functools.partial(sample, sampler="dpm++2m")
     for h, w in grid["shapes"]:
@@ -579,8 +569,7 @@ def generate(args):
         os.makedirs(folder, exist_ok=True)
     items = [(i, j) for i in range(len(prompts)) for j in range(args.n)]
     batch, grid = min(args.batch_size, len(items)), []
-    desc = f"{args.sampler}, {steps} steps a batch"
-    for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(items), batch), desc=f"{args.sampler} x {steps}", unit="batch"):
         chunk = items[start:start + batch]
         ids, mask = tokenizer.encode([prompts[i] for i, _ in chunk] + [""] * (batch - len(chunk)),
                                      text_length)
