@@ -150,7 +150,6 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
         self.shapes, self.batch_size, self.seed = shapes, batch_size, seed
         self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length
         fresh = {"batches": 0, "sources": [{"epoch": 0, "consumed": 0}] * len(specs), "skipped": {}}
-        # The counts' defaults also serve a position saved before they were kept.
         self._state = st = {"upscaled": 0, "cut": 0} | json.loads(json.dumps(state or fresh))
         positions = st["sources"]
         if len(positions) != len(specs):
@@ -190,9 +189,8 @@ class Loader(collections.abc.Iterator, contextlib.AbstractContextManager):
                 "captions": list(captions)}
 
     def _plan(self, b):
-        """Batch b's bucket k, slots [(epoch, future of a sample)], the position after it, from
-        (seed, b) alone: the bucket is frac(phase + b * golden ratio) through the cumulative
-        frequencies, within a few batches of its share (independent draws stray by sqrt(b))."""
+        """Batch b's bucket k, slots [(epoch, future)], the position after it, by (seed, b) alone:
+        frac(phase + b * golden ratio) through the bucket frequencies (i.i.d. strays by sqrt(b))."""
         u = (self.bucket_phase + b * (5**0.5 - 1) / 2) % 1
         k = int(np.searchsorted(self.bucket_cdf, u, side="right"))
         p = self.joint[:, k] / self.joint[:, k].sum()
@@ -234,15 +232,13 @@ class Stream:
         self.order = None if isinstance(source, Synthetic) else source.samples(**self.position)
         self.reading = collections.deque()  # (epoch, consumed, sample, future of its read)
         self.queues = [collections.deque() for _ in shapes]  # (epoch, sample, future) per bucket
-        # What waited at the save is read again, in order.
         waited = [(e, Sample(*ref)) for queue in position.get("waiting", []) for e, ref in queue]
         for epoch, ref, future in [(e, r, pool.submit(load_sample, r, shapes)) for e, r in waited]:
             self._queue(epoch, ref, future)
 
     def take(self, k):
-        """(epoch, future of (image, upscaled, caption)) of the next sample for bucket k. Once
-        `limit` samples wait, the oldest of the longest queue instead (recropped): the wait stays
-        bounded, also for a source without bucket k, and every sample is served once."""
+        """(epoch, future of (image, upscaled, caption)), the next sample for bucket k; once `limit`
+        wait, the oldest of the longest queue (recropped): bounded, each sample served once."""
         if isinstance(self.source, Synthetic):
             index = self.position["consumed"]
             self.position["consumed"] += 1
@@ -323,8 +319,7 @@ def open_source(path, number, seed, process_index=0, process_count=1):
     return Files(path, mine, number, seed)
 
 class Files:
-    """Samples from files reshuffled every epoch: units (tar shards, or samples) and each unit's
-    samples in a random order, through a shuffle buffer."""
+    """Samples from files, reshuffled each epoch: units (shards or samples), then within each."""
 
     def __init__(self, name, units, number, seed):
         self.name, self.units, self.number, self.seed = name, units, number, seed
@@ -463,16 +458,6 @@ def read_captions(specs, seed=0, limit=50_000):
     return captions, complete
 
 # ----------------------------------------------------------------------------- aspect-ratio buckets
-
-def aspect_buckets(size, patch, count=5, budget=0.1):
-    """(height, width) multiples of `patch` nearest `count` ratios from 1:2 to 2:1 within `budget`
-    of size^2 pixels: at 32 px, patch 4, 24x44 (1.83:1), 28x40, 32x32 and transposes."""
-    g = size // patch
-    grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
-             if abs(r * c - g * g) <= budget * g * g]
-    distance = lambda k: lambda rc: (abs(np.log2(rc[1] / rc[0]) - k), abs(rc[0] * rc[1] - g * g))
-    nearest = [min(grids, key=distance(k)) for k in np.linspace(-1, 1, count)]
-    return list(dict.fromkeys((r * patch, c * patch) for r, c in nearest))
 
 def bucket_table(specs, seed, shapes):
     """float [sources, buckets]: each source's share of images nearest each bucket, from 256

@@ -221,6 +221,17 @@ def unpatchify(cfg, tokens, rows, cols):
     x = tokens.reshape(B, rows, cols, P, P, C).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(B, rows * P, cols * P, C)
 
+def aspect_buckets(size, patch, count=5, budget=0.1):
+    """The image shapes of multi-aspect training: (height, width) multiples of `patch` nearest
+    `count` ratios from 1:2 to 2:1 within `budget` of size^2 pixels (at 32 px, patch 4: 24x44
+    (1.83:1), 28x40, 32x32 and transposes): about the same number of tokens each."""
+    g = size // patch
+    grids = [(r, c) for r in range(1, 2 * g + 1) for c in range(r // 2 + (r % 2), 2 * r + 1)
+             if abs(r * c - g * g) <= budget * g * g]
+    distance = lambda k: lambda rc: (abs(np.log2(rc[1] / rc[0]) - k), abs(rc[0] * rc[1] - g * g))
+    nearest = [min(grids, key=distance(k)) for k in np.linspace(-1, 1, count)]
+    return list(dict.fromkeys((r * patch, c * patch) for r, c in nearest))
+
 # --------------------------------------------------------------------------------- MeanFlow student
 
 MF_FEATURES = 256  # sinusoid channels of each scalar input

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageFile
 
 import data
+import model
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -535,7 +536,7 @@ def test_upscaled_images_and_cut_captions_are_counted_once(tmp_path):
 
 @pytest.mark.parametrize("size, patch", [(32, 4), (16, 4), (64, 8), (256, 16), (512, 16), (512, 32)])
 def test_aspect_buckets(size, patch):
-    buckets = data.aspect_buckets(size, patch)
+    buckets = model.aspect_buckets(size, patch)
     ratios = [w / h for h, w in buckets]
     assert 3 <= len(buckets) <= 5 and (size, size) in buckets and ratios == sorted(ratios)  # tallest to widest
     assert set(buckets) == {(w, h) for h, w in buckets}  # the tall ones are the wide ones transposed
@@ -564,7 +565,7 @@ MIXED = [(100, 50), (50, 100), (64, 64), (90, 60), (60, 90), (120, 40), (70, 66)
 
 
 def test_each_image_is_cropped_to_its_nearest_bucket(tmp_path):
-    buckets = data.aspect_buckets(32, 4)  # 24x44 (w/h 1.83), 28x40 (1.43), 32x32 and their transposes
+    buckets = model.aspect_buckets(32, 4)  # 24x44 (w/h 1.83), 28x40 (1.43), 32x32 and their transposes
     with loader([folder_of(tmp_path, MIXED)], batch_size=1, buckets=buckets, num_workers=1) as ld:
         for _ in range(16):
             b = next(ld)
@@ -578,7 +579,7 @@ def test_each_image_is_cropped_to_its_nearest_bucket(tmp_path):
 
 def test_buckets_one_shape_per_batch_and_resume_exactly(tmp_path):
     sources = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"]
-    kw = dict(image_size=32, batch_size=4, seed=5, buckets=data.aspect_buckets(32, 4))
+    kw = dict(image_size=32, batch_size=4, seed=5, buckets=model.aspect_buckets(32, 4))
     with loader(sources, num_workers=2, **kw) as ld:
         full = [next(ld) for _ in range(12)]
     assert {b["images"].shape[1:3] for b in full} == set(kw["buckets"])  # every batch one bucket, all in use
@@ -602,7 +603,7 @@ def test_bucket_table_is_computed_once_and_shared(tmp_path, monkeypatch):
     they are given the one table computed from the headers of the whole folder (by process 0 in
     train.py) and draw from (seed, batch index). A process is never left to probe on its own, where
     one read error would give it another table and other batch shapes."""
-    sources, buckets = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"], data.aspect_buckets(32, 4)
+    sources, buckets = [folder_of(tmp_path, MIXED) + ":1", "synthetic:1"], model.aspect_buckets(32, 4)
     table = data.bucket_table(sources, 0, buckets)
     nearest = [min(buckets, key=lambda s: abs(np.log(w * s[0] / (h * s[1])))) for w, h in MIXED]
     shares = [(1 + nearest.count(b)) / (len(buckets) + len(MIXED)) for b in buckets]  # plus one each
@@ -622,7 +623,7 @@ def test_bucket_table_is_computed_once_and_shared(tmp_path, monkeypatch):
 def test_bucket_shares_follow_their_frequencies():
     """Synthetic canvases are uniform over the buckets; the golden-ratio draw keeps each bucket's count of
     batches within 2 of an equal share (independent draws would stray by sqrt(100 * 0.16) = 4 on average)."""
-    buckets = data.aspect_buckets(32, 4)
+    buckets = model.aspect_buckets(32, 4)
     with loader(["synthetic"], image_size=32, batch_size=2, buckets=buckets) as ld:
         shapes = [next(ld)["images"].shape[1:3] for _ in range(100)]
         waiting = ld.state()["sources"][0]["waiting"]
@@ -638,7 +639,7 @@ def test_buckets_use_every_sample_once(tmp_path, monkeypatch):
     of samples wait, the oldest of the longest queue is recropped to that bucket: all are wide here."""
     monkeypatch.setattr(data, "READ_AHEAD", 2)
     sizes = [(90 + 5 * i, 50) for i in range(10)]  # w/h 1.8 to 2.7: all nearest 24x44
-    buckets = data.aspect_buckets(32, 4)
+    buckets = model.aspect_buckets(32, 4)
     with loader([folder_of(tmp_path, sizes)], image_size=32, batch_size=3, buckets=buckets, num_workers=1) as ld:
         served = [c for _ in range(40) for c in next(ld)["captions"]]
         state = ld.state()["sources"][0]
@@ -673,7 +674,7 @@ def test_small_partly_broken_sources_neither_crash_nor_stall(tmp_path, good, bro
         (tmp_path / f"b{i}.png").write_bytes(image)
         if caption is not None:
             (tmp_path / f"b{i}.txt").write_text(caption)
-    buckets = data.aspect_buckets(32, 4)
+    buckets = model.aspect_buckets(32, 4)
     with loader([str(tmp_path)], image_size=32, batch_size=4, buckets=buckets, seed=1) as ld:
         served = []
         for _ in range(12):
@@ -700,7 +701,7 @@ def test_one_decode_per_sample(tmp_path, monkeypatch):
     def counting_load_sample(sample, shapes):
         loaded.append(int(os.path.basename(sample.name).split(".")[0]))
         return load_sample(sample, shapes)
-    sources, buckets = [folder_of(tmp_path, sizes)], data.aspect_buckets(32, 4)
+    sources, buckets = [folder_of(tmp_path, sizes)], model.aspect_buckets(32, 4)
     table = data.bucket_table(sources, 0, buckets)
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
     monkeypatch.setattr(data, "load_sample", counting_load_sample)
@@ -742,7 +743,7 @@ def test_shard_battery_under_the_default_buckets(tmp_path):
     raw, offsets = open(cut, "rb").read(), [m.offset for m in tarfile.open(cut).getmembers()]
     (tmp_path / "1.tar").write_bytes(raw[:offsets[4] + 100])  # in c002.png's header
     with loader([str(tmp_path / "{0..1}.tar")], image_size=32, batch_size=4, num_workers=None,
-                buckets=data.aspect_buckets(32, 4)) as ld:
+                buckets=model.aspect_buckets(32, 4)) as ld:
         captions = take(ld, 12)
         assert sum(ld.skip_reasons.values()) == 8 and ld.skip_reasons["unreadable shard"] == 1, ld.summary()
     assert len(set(captions)) == 14  # 12 good images and the 2 before the cut, all in use

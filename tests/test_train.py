@@ -142,7 +142,7 @@ def test_resume_is_exact(tmp_path, capsys):
                         "--sample-steps", "2"])
     train.main(SMALL + ["--out", split, "--steps", "6", "--ckpt-every", "6", "--multi-aspect"])
     with open(os.path.join(split, "checkpoints", "step_00000006", "data_0.json")) as f:
-        assert len(json.load(f)["sources"][0]["waiting"]) == len(data.aspect_buckets(16, 4)) == 3
+        assert len(json.load(f)["sources"][0]["waiting"]) == len(model.aspect_buckets(16, 4)) == 3
     train.main(SMALL + ["--out", split, "--steps", "12", "--ckpt-every", "6", "--keep", "1", "--multi-aspect"])
     a, b = read_log(straight), read_log(split)
     assert [m["step"] for m in b] == list(range(1, 13))
