@@ -51,7 +51,7 @@ class Recipe:
     clip: float = field(0.0, "global-norm gradient clipping; 0 = off, as in the original")
     t5: str = field("", "a Hugging Face FLAN-T5 folder; none: a random tiny T5, fitted tokenizer")
     text_length: int = field(16, "tokens per caption with </s> (fitted tokenizer: 99%% fit)")
-    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: .tar shards (a brace pattern), a folder, .jsonl, 'synthetic'")
+    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: {0..9}.tar, folder, .jsonl, 'synthetic'")
     caption_drop: float = field(0.1, "share of captions dropped (all mask_token), for guidance")
     t_mu: float = field(-0.8, "centre of logit-normal t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
     t_sigma: float = field(0.8, "spread of the logit-normal t (see --t-mu)")
@@ -134,7 +134,7 @@ def mean_flow_loss(params, teacher, cfg, r, *batch):
 
 def lr_schedule(r):
     """Linear warm-up from 1e-6, then constant (optax's with 0 steps stays at 1e-6 for ever)."""
-    return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else optax.constant_schedule(r.lr)
+    return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else lambda step: r.lr
 
 def orthogonalized(g, steps=5):
     """g [m, n], its singular values pushed to about [0.7, 1.2] by Muon's quintic Newton-Schulz."""
