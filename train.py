@@ -1,6 +1,6 @@
-"""Train MiniT2I with flow matching: x-prediction, v-loss, AdamW, EMA. From a 2-core laptop to a pod.
+"""Train MiniT2I by flow matching: x-prediction, v-loss, AdamW, EMA. From a 2-core laptop to a pod.
 
-    python train.py                                  # tiny model, synthetic shapes, random tiny T5, ~7 CPU-minutes
+    python train.py   # tiny model, synthetic shapes, random tiny T5, ~7 CPU-minutes
     python train.py --preset b16-pretrain --t5 flan-t5-large --data 'cc12m/{00000..02175}.tar'
 
 Running the same command again resumes from the run directory's last checkpoint.
@@ -30,7 +30,7 @@ import model
 import sample
 from sample import CheckpointError, UsageError, checked, require
 
-# ----------------------------------------------------------------------------------------------- recipes
+# ------------------------------------------------------------------------------------------ recipes
 
 def field(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
@@ -40,45 +40,45 @@ class Recipe:
     """Every field is a command-line flag (`--batch-size`); its help is the text here."""
     model: str = field("tiny", "MM-JiT size, a key of model.PRESETS: tiny, B/32, B/16 or L/16")
     image_size: int = field(32, "training resolution in pixels, a multiple of the patch size")
-    multi_aspect: bool = field(False, "aspect buckets 1:2 to 2:1 of ~image_size^2 pixels; off: square crops")
+    multi_aspect: bool = field(False, "aspect buckets 1:2..2:1, ~image_size^2 pixels; off: square")
     batch_size: int = field(32, "global batch, over all devices and hosts")
     steps: int = field(480, "total training steps; raise it to train a finished run further")
     lr: float = field(1e-3, "learning rate after the warm-up")
     warmup: int = field(100, "steps of linear warm-up from 1e-6 to --lr; 0 = none")
-    muon: bool = field(True, "Muon for the blocks' weight matrices, AdamW for the rest; off: AdamW for all")
+    muon: bool = field(True, "Muon for the blocks' matrices, AdamW for the rest; off: all AdamW")
     ema: float = field(0.995, "EMA decay of the weights that are sampled and saved as ema")
-    ema_warmup: bool = field(True, "decay min(ema, (1+s)/(10+s)), which lets a short run's EMA catch up")
+    ema_warmup: bool = field(True, "decay min(ema, (1+s)/(10+s)): a short run's EMA catches up")
     clip: float = field(0.0, "global-norm gradient clipping; 0 = off, as in the original")
-    t5: str = field("", "a Hugging Face FLAN-T5 folder; none = a random tiny T5, tokenizer fitted to the captions")
-    text_length: int = field(16, "tokens per caption with </s> (a fitted tokenizer's run: 99%% of its captions)")
-    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: .tar shards (a brace pattern), a folder, .jsonl, 'synthetic'")
-    caption_drop: float = field(0.1, "share of captions dropped (all mask_token) for classifier-free guidance")
-    t_mu: float = field(-0.8, "centre of the logit-normal t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
+    t5: str = field("", "a Hugging Face FLAN-T5 folder; none: a random tiny T5, fitted tokenizer")
+    text_length: int = field(16, "tokens per caption with </s> (fitted tokenizer: 99%% fit)")
+    data: tuple = field((), "SOURCE[:WEIGHT], repeatable: {0..9}.tar, folder, .jsonl, 'synthetic'")
+    caption_drop: float = field(0.1, "share of captions dropped (all mask_token), for guidance")
+    t_mu: float = field(-0.8, "centre of logit-normal t = sigmoid(N(t_mu, t_sigma)); t = 1 is data")
     t_sigma: float = field(0.8, "spread of the logit-normal t (see --t-mu)")
-    noise_scale: float = field(2.0, "x at t = 0 is noise_scale N(0, I), in training and in sampling")
+    noise_scale: float = field(2.0, "x at t = 0 is noise_scale N(0, I), in training and sampling")
     a_min: float = field(0.01, "the v-loss divides by max(1 - t, a_min)")
-    precision: str = field("float32", "denoiser compute dtype, float32 or bfloat16 (T5, weights: float32)")
-    remat: bool = field(False, "recompute each block's activations in the backward pass (less memory)")
+    precision: str = field("float32", "denoiser dtype: float32 or bfloat16 (T5, weights: float32)")
+    remat: bool = field(False, "recompute block activations in the backward pass (less memory)")
     fsdp: bool = field(False, "shard parameters and optimiser state over the data axis too")
-    grad_accum: int = field(1, "micro-batches a step, one after another: the same update, less memory")
-    seed: int = field(0, "one seed for initialisation, step noise, sample-grid noise and data order")
+    grad_accum: int = field(1, "micro-batches a step, in turn: the same update, less memory")
+    seed: int = field(0, "one seed for initialisation, step noise, grid noise and data order")
     log_every: int = field(50, "steps between lines of log.jsonl")
     sample_every: int = field(160, "steps between sample grids in samples/; 0 = none")
     sample_steps: int = field(20, "dpm++2m steps of each sample grid")
-    guidance: float = field(3.0, "classifier-free guidance of the grids; sample.py's default for this run")
-    ckpt_every: int = field(240, "steps between checkpoints (one is also written at the end and on a stop)")
+    guidance: float = field(3.0, "classifier-free guidance of the grids; sample.py's default too")
+    ckpt_every: int = field(240, "steps between checkpoints (also one at the end and on a stop)")
     keep: int = field(3, "checkpoints kept")
-    init_from: str = field("", "fine-tune from a train.py run or checkpoint (its EMA) or released weights")
-    distill_from: str = field("", "distil a run or checkpoint (its EMA) into a few-step MeanFlow student")
+    init_from: str = field("", "fine-tune from a run or checkpoint's EMA, or released weights")
+    distill_from: str = field("", "distil a run or checkpoint's EMA to a few-step MeanFlow student")
     r_equals_t: float = field(0.25, "distillation: share of examples with no jump (r = t)")
-    w_min: float = field(2.0, "distillation: the student learns guidance scales w in [w_min, w_max]")
+    w_min: float = field(2.0, "distillation: the student learns guidance w in [w_min, w_max]")
     w_max: float = field(4.0, "distillation: see --w-min")
 
 # Fields a resumed run may change: not what it computes (lr: to go on after a loss went non-finite).
-RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep", "remat", "fsdp",
-             "grad_accum", "lr"}
-PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False, text_length=256,
-             log_every=100, sample_every=5000, ckpt_every=5000, muon=False)
+RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep",
+             "remat", "fsdp", "grad_accum", "lr"}
+PAPER = dict(image_size=512, multi_aspect=False, batch_size=1024, ema=0.99995, ema_warmup=False,
+             text_length=256, log_every=100, sample_every=5000, ckpt_every=5000, muon=False)
 PRETRAIN = PAPER | dict(lr=4e-4, steps=250_000, warmup=5000, guidance=2.5)
 FINETUNE = PAPER | dict(lr=4e-5, steps=40_000, warmup=1000, guidance=5.0)
 RECIPES = {"tiny": Recipe(), "b32-pretrain": Recipe(model="B/32", **PRETRAIN),
@@ -87,21 +87,21 @@ RECIPES = {"tiny": Recipe(), "b32-pretrain": Recipe(model="B/32", **PRETRAIN),
 # A student's defaults over its preset's: measured on tiny; for the paper's, the authors' branch.
 DISTILL = {"tiny": dict(steps=100, lr=2.5e-4, warmup=10, ema=0.99, sample_steps=4),
            "paper": dict(steps=50_000, warmup=1000, sample_steps=4, r_equals_t=0.5)}
-TINY_T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2)  # the random T5 of runs without --t5
-STREAMS = ("init", "step", "grid", "t5")  # random streams under the one seed: none shares bits with another
-FEATURE_BYTES = 4 << 30  # T5 features of a run's distinct captions kept in host memory up to this size
+TINY_T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2)  # the random T5's size
+STREAMS = ("init", "step", "grid", "t5")  # one seed's random streams: none shares bits with another
+FEATURE_BYTES = 4 << 30  # T5 features of the distinct captions kept in host memory up to this
 
 def rng(seed, stream):
     return jax.random.fold_in(jax.random.key(seed), STREAMS.index(stream))
 
-# ------------------------------------------------------------------------------------------- objective
+# ---------------------------------------------------------------------------------------- objective
 
 def flow_matching_loss(params, cfg, images, context, mask, t, noise, a_min=0.01, dtype=jnp.float32, remat=False):
-    """x-prediction trained with the v-loss, per example [B]. t: [B], t = 1 is data; noise scaled."""
+    """x-prediction trained by the v-loss, per example [B]. t: [B], t = 1 is data; noise scaled."""
     t = t[:, None, None, None]
     x_t = t * images + (1 - t) * noise
-    x0_hat = model.mmjit_apply(params, cfg, x_t, context, mask, dtype, remat)
-    v_hat = sample.velocity(x0_hat, x_t, t, a_min)  # the clip at a_min keeps t -> 1 from blowing up the loss
+    x0_hat = model.mmjit_apply(params, cfg, x_t, context, mask, jnp.dtype(dtype), remat)
+    v_hat = sample.velocity(x0_hat, x_t, t, a_min)  # clipped: t -> 1 does not blow up the loss
     v = sample.velocity(images, x_t, t, a_min)
     return jnp.mean((v_hat - v) ** 2, axis=(1, 2, 3))  # [B]
 
@@ -130,16 +130,16 @@ def mean_flow_loss(params, teacher, cfg, r, *batch):
     err = jnp.mean((u - target) ** 2, axis=(1, 2, 3))
     return err / jax.lax.stop_gradient(err + 1e-3)
 
-# ---------------------------------------------------------------------------------------------- update
+# ------------------------------------------------------------------------------------------- update
 
 def lr_schedule(r):
-    """Linear warm-up from 1e-6, then constant (optax's with 0 steps would stay at 1e-6 for ever)."""
-    return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else optax.constant_schedule(r.lr)
+    """Linear warm-up from 1e-6, then constant (optax's with 0 steps stays at 1e-6 for ever)."""
+    return optax.linear_schedule(1e-6, r.lr, r.warmup) if r.warmup else lambda step: r.lr
 
 def orthogonalized(g, steps=5):
     """g [m, n], its singular values pushed to about [0.7, 1.2] by Muon's quintic Newton-Schulz."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (jnp.linalg.norm(g) + 1e-8)  # every singular value below 1: inside the iteration's basin
+    x = g / (jnp.linalg.norm(g) + 1e-8)  # all singular values below 1: inside the iteration's basin
     wide = x.shape[0] <= x.shape[1]
     x = x if wide else x.T  # x @ x.T on the short side: the cheaper product
     for _ in range(steps):
@@ -148,16 +148,16 @@ def orthogonalized(g, steps=5):
     return x if wide else x.T
 
 def adamw_ema(state, grads, grad_norm, r):
-    """AdamW (betas 0.9, 0.95, no weight decay), clipping, then the EMA, as one elementwise function of
-    each tensor that XLA fuses (half optax's time). With r.muon the blocks' matrices take Muon's step
-    (Nesterov 0.95, orthogonalized, scaled to AdamW's update size: one --lr for both; nu stays 0)."""
+    """AdamW (betas 0.9, 0.95, no weight decay), clipping, then the EMA, as one elementwise function
+    of each tensor that XLA fuses (half optax's time). With r.muon the blocks' matrices take Muon's
+    step (Nesterov 0.95, orthogonalized, scaled to AdamW's update size: one --lr; nu stays 0)."""
     step, b1, b2 = state["step"], 0.9, 0.95
     lr, count = lr_schedule(r)(step), step + 1.0
     scale = jnp.minimum(1.0, r.clip / grad_norm) if r.clip else 1.0
     decay = jnp.minimum(r.ema, (1.0 + step) / (10.0 + step)) if r.ema_warmup else r.ema
     def update(path, p, ema, mu, nu, g):
         g = g * scale
-        if r.muon and p.ndim == 2 and "blocks" in jax.tree_util.keystr(path):  # not the embedders, final layer
+        if r.muon and p.ndim == 2 and "blocks" in jax.tree_util.keystr(path):
             mu = 0.95 * mu + 0.05 * g  # Nesterov's look-ahead, bias-corrected as in optax's muon
             ahead = 0.95 * mu / (1 - 0.95 ** (count + 1)) + 0.05 * g / (1 - 0.95**count)
             p = p - lr * 0.2 * max(p.shape) ** 0.5 * orthogonalized(ahead)
@@ -165,15 +165,15 @@ def adamw_ema(state, grads, grad_norm, r):
             mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
             p = p - lr * (mu / (1 - b1**count)) / (jnp.sqrt(nu / (1 - b2**count)) + 1e-8)
         return p, decay * ema + (1 - decay) * p, mu, nu
-    out = jax.tree_util.tree_map_with_path(update, *[state[k] for k in ("params", "ema", "mu", "nu")], grads)
-    params, ema, mu, nu = jax.tree.transpose(jax.tree.structure(grads), jax.tree.structure((0,) * 4), out)
+    out = jax.tree.map_with_path(update, *[state[k] for k in ("params", "ema", "mu", "nu")], grads)
+    params, ema, mu, nu = jax.tree.transpose(jax.tree.structure(grads), None, out)
     return {"params": params, "ema": ema, "mu": mu, "nu": nu, "step": step + 1}
 
-# ------------------------------------------------------------------------------------------------ step
+# --------------------------------------------------------------------------------------------- step
 
 def train_step(state, frozen, batch, *, cfg, t5cfg, r, mesh):
-    """One update: the frozen T5's features of the batch's ids unless it brings them (encode-once), then
-    denoiser_step or a student's mean_flow_step; the maximum "stop" flag: all stop at the same step."""
+    """One update: the frozen T5's features of the batch's ids unless it brings them (encode-once),
+    then denoiser_step or a student's mean_flow_step; the largest "stop" flag: all stop together."""
     t5_params, teacher = frozen if r.distill_from else (frozen, None)
     context = batch["context"] if "context" in batch else model.t5_encode(t5_params, t5cfg, batch["ids"], batch["mask"])
     update = functools.partial(mean_flow_step, teacher=teacher) if r.distill_from else denoiser_step
@@ -184,13 +184,13 @@ T_BUCKETS = 4  # the loss is also told by noise level: t in [0, 1/4), ..., [3/4,
 T_NAMES = sample.t_names(T_BUCKETS)
 
 def denoiser_step(state, images, context, mask, *, cfg, r, mesh):
-    """Caption drop, t, noise, v-loss, update; draws by the step alone (exact resumes), batch-wide."""
+    """Caption drop, t, noise, v-loss, update; draws by step alone (exact resumes), batch-wide."""
     step, B = state["step"], images.shape[0]
     k_drop, k_t, k_noise = jax.random.split(jax.random.fold_in(rng(r.seed, "step"), step), 3)
-    mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # a dropped caption: all mask_token
+    mask = mask * (jax.random.uniform(k_drop, (B, 1)) >= r.caption_drop)  # dropped: all mask_token
     t = jax.nn.sigmoid(r.t_mu + r.t_sigma * jax.random.normal(k_t, (B,)))
     noise = r.noise_scale * jax.random.normal(k_noise, images.shape)
-    loss_fn = lambda p, *batch: flow_matching_loss(p, cfg, *batch, r.a_min, jnp.dtype(r.precision), r.remat)
+    loss_fn = lambda p, *xs: flow_matching_loss(p, cfg, *xs, r.a_min, r.precision, r.remat)
     return descend(state, loss_fn, (images, context, mask, t, noise), t, r, mesh)
 
 def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
@@ -204,10 +204,9 @@ def mean_flow_step(state, images, context, mask, *, teacher, cfg, r, mesh):
     return descend(state, loss_fn, (images, context, mask, t, s, w, noise), t, r, mesh)
 
 def descend(state, loss_fn, batch, t, r, mesh):
-    """The update from loss_fn's mean's gradient, and the metrics (the loss also summed by t bucket)."""
-    params = state["params"]
-    losses, grads = accumulated_grads(loss_fn, params, batch, r.grad_accum,
-                                      state_shardings(mesh, params, r.fsdp))
+    """The update from loss_fn's mean's gradient; the metrics (the loss also summed by t bucket)."""
+    shardings = state_shardings(mesh, state["params"], r.fsdp)
+    losses, grads = accumulated_grads(loss_fn, state["params"], batch, r.grad_accum, shardings)
     loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
     bucket = jnp.minimum((t * T_BUCKETS).astype(jnp.int32), T_BUCKETS - 1)  # [B]
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(r)(state["step"]),
@@ -216,9 +215,9 @@ def descend(state, loss_fn, batch, t, r, mesh):
     return adamw_ema(state, grads, grad_norm, r), metrics
 
 def accumulated_grads(loss_fn, params, batch, n, shardings):
-    """Per-example losses [B] and the mean gradient, laid out as `shardings`. Each device adds up its
-    n micro-batches' gradients in a scan; one reduction per tensor after it (a reduce-scatter under
-    FSDP) moves the gradient once a step (left to XLA, it ran inside the scan: n times the bytes)."""
+    """Per-example losses [B] and the mean gradient, laid out as `shardings`. Each device adds up
+    its n micro-batches' gradients in a scan; one reduction per tensor after it (a reduce-scatter
+    under FSDP) moves the gradient once a step (XLA put it in the scan: n times the bytes)."""
     mesh = jax.tree.leaves(shardings)[0].mesh
     specs = jax.tree.map(lambda s: s.spec, shardings)
     def reduce(g, spec):  # the mean over all devices' micro-batches, onto this device's part
@@ -265,19 +264,19 @@ def make_train_step(mesh, state_shapes, frozen_shapes, cfg, t5cfg, r):
 def init_state(key, cfg):
     params = model.init_mmjit(key, cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    return {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.zeros((), jnp.int32)}
+    return dict(params=params, ema=params, mu=zeros, nu=zeros, step=jnp.zeros((), jnp.int32))
 
-# ------------------------------------------------------------------------------------------------ loop
+# --------------------------------------------------------------------------------------------- loop
 
 def main(argv=None):
     args, r = parse_args(argv)
-    if args.distributed:  # peers found by themselves on TPU pods and SLURM; elsewhere from the environment
+    if args.distributed:  # peers: automatic on TPU pods and SLURM, else from the environment
         env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
         jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
     stop = stop_requests()  # after initialize(), whose preemption notifier takes SIGTERM for itself
     run, first = args.out, jax.process_index() == 0
     cfg, r, text_encoder, captions, complete, init = prepare_run(run, r, args.fit_text_length)
-    state, step_fn, frozen, batch_sharding, data_state = start_state(run, cfg, r, text_encoder, init)
+    state, step_fn, frozen, sharding, data_state = start_state(run, cfg, r, text_encoder, init)
     start = int(state["step"])
     buckets = model.aspect_buckets(cfg.image_size, cfg.patch_size) if r.multi_aspect else [(cfg.image_size,) * 2]
     features, grid, record = encoded_text(r, cfg, text_encoder, captions, complete, start, buckets)
@@ -286,13 +285,13 @@ def main(argv=None):
     sample.write_log(log, {"step": start, **record})
     bar = tqdm(range(start, r.steps), initial=start, total=r.steps, disable=not first)
     began = time.perf_counter()
-    clock, last, window, by_t, score = (began, start), None, [], None, None
+    clock, previous, window, by_t, score = (began, start), None, [], [None] * T_BUCKETS, None
     with loader:
         for step in bar:
-            state, metrics = step_fn(state, frozen, device_batch(next(loader), batch_sharding, features, stop))
+            state, metrics = step_fn(state, frozen, device_batch(next(loader), sharding, features, stop))
             done, window = step + 1, window + [metrics]
-            stopping = last is not None and check_health(log, last, done - 1, run, r)  # one step behind
-            last, saving = metrics, done % r.ckpt_every == 0 or done == r.steps or stopping
+            stopping = previous is not None and check_health(log, previous, done - 1, run, r)
+            previous, saving = metrics, done % r.ckpt_every == 0 or done == r.steps or stopping
             if saving or done % r.log_every == 0:  # this step's, before anything of it is written
                 check_health(log, metrics, done, run, r)
             if done % r.log_every == 0 or done == r.steps or stopping:
@@ -308,60 +307,61 @@ def main(argv=None):
         print(loader.summary(), file=sys.stderr)
         sample.write_log(log, {"step": int(state["step"]), "data": loader.summary()})
         log.close()
-        print(run_summary(run, start, int(state["step"]), time.perf_counter() - began, r, by_t, score),
-              file=sys.stderr)
+        seconds = time.perf_counter() - began
+        print(run_summary(run, start, int(state["step"]), seconds, r, by_t, score), file=sys.stderr)
 
 def device_batch(batch, sharding, features, stop):
-    """The host batch as global arrays: the captions' T5 features from the encode-once table in place of
-    their ids, and this process's stop request as one flag per example."""
-    out = {"images": batch["images"], "mask": batch["mask"], "stop": np.full(len(batch["mask"]), bool(stop), np.int32)}
+    """The host batch as global arrays: the captions' T5 features from the encode-once table in
+    place of their ids, and this process's stop request as one flag per example."""
+    out = {k: batch[k] for k in ("images", "mask") + (() if features else ("ids",))}
+    out["stop"] = np.full(len(batch["mask"]), bool(stop), np.int32)
     if features:
         index, table = features
         try:
             rows = table[[index[c] for c in batch["captions"]]]  # [B, L', Dt]
         except KeyError as e:
-            raise RuntimeError(f"caption {e} was not among the captions read at start-up: was --data changed?") from None
+            raise RuntimeError(f"caption {e} was not among the captions read at start-up: "
+                               "was --data changed?") from None
         out["context"] = np.pad(rows, ((0, 0), (0, batch["mask"].shape[1] - rows.shape[1]), (0, 0)))
-    else:
-        out["ids"] = batch["ids"]
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
 
 # ----------------------------------------------------------------------------------- run management
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help=f"a recipe, one of {', '.join(RECIPES)} (default tiny); "
-                                                         "the flags below override its fields")
-    parser.add_argument("--out", help="run directory (default runs/<preset>, or runs/<preset>-<data> with --data)")
+    parser.add_argument("--preset", default="tiny", help=f"a recipe, one of {', '.join(RECIPES)} "
+                        "(default tiny); the flags below override its fields")
+    parser.add_argument("--out", help="run directory (default runs/<preset>[-<data>][-distill])")
     parser.add_argument("--distributed", action="store_true",
-                        help="jax.distributed.initialize(): automatic on TPU pods and SLURM, else set "
-                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+                        help="jax.distributed.initialize(): automatic on TPU pods and SLURM, else "
+                             "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+    kinds = {bool: dict(action=argparse.BooleanOptionalAction), tuple: dict(action="append")}
     for f in dataclasses.fields(Recipe):
         default = {(): "synthetic", "": "none"}.get(f.default, f.default)
-        kind = {bool: dict(action=argparse.BooleanOptionalAction), tuple: dict(action="append")}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind.get(f.type, dict(type=f.type)),
-                            help=f"{f.metadata['help']} (tiny: {default})")
+        parser.add_argument("--" + f.name.replace("_", "-"), **kinds.get(f.type, dict(type=f.type)),
+                            default=None, help=f"{f.metadata['help']} (tiny: {default})")
     args = parser.parse_args(argv)
     if args.preset not in RECIPES:
         raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
-    student = DISTILL["tiny" if args.preset == "tiny" else "paper"] if given.get("distill_from") else {}
-    r = dataclasses.replace(RECIPES[args.preset], **student | given | ({"data": tuple(given["data"])} if "data" in given else {}))
+    student = DISTILL["tiny" if args.preset == "tiny" else "paper"] if args.distill_from else {}
+    r = dataclasses.replace(RECIPES[args.preset], **student | given)
+    r = dataclasses.replace(r, data=tuple(r.data))  # --data gives a list
     if r.model not in model.PRESETS:
         raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
     args.fit_text_length = not r.t5 and "text_length" not in given
     if not args.out:
-        source = data.parse_sources(r.data)[0][0] if r.data else ""
-        name = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(os.path.normpath(source)))[0]).strip("_")
+        source = os.path.normpath(data.parse_sources(r.data)[0][0]) if r.data else ""
+        name = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(source))[0]).strip("_")
         suffix = (f"-{name}" if r.data else "") + ("-distill" if r.distill_from else "")
-        args.out = os.path.join("runs", args.preset.replace("/", "") + suffix)  # never the teacher's
+        args.out = os.path.join("runs", args.preset + suffix)  # never the teacher's
     return args, r
 
 def check_recipe(r, cfg):
-    """Every flag's value, before anything is read or written: one line naming the flag and what it must be."""
+    """Each flag's value, before anything is read or written; a line names the flag and its rule."""
     if not r.t5 and cfg.txt_dim != TINY_T5["d_model"]:
-        raise UsageError(f"--t5: the {r.model} model reads {cfg.txt_dim}-wide FLAN-T5 features; give --t5 DIR, a "
-                         "Hugging Face FLAN-T5 folder (google/flan-t5-large)")
+        raise UsageError(f"--t5: the {r.model} model reads {cfg.txt_dim}-wide FLAN-T5 features; "
+                         "give --t5 DIR, a Hugging Face FLAN-T5 folder (google/flan-t5-large)")
     n = jax.device_count()
     rules = [("steps", r.steps >= 1, "at least 1"), ("batch_size", r.batch_size >= 1 and r.batch_size % n == 0,
               f"a positive multiple of the {n} devices"),
@@ -388,14 +388,14 @@ def check_recipe(r, cfg):
             raise UsageError(f"{flag} {path}: no such file or directory")
 
 def check_resume(run, config, r):
-    """A run directory must hold this same run (the fields in RESUMABLE may differ) that has steps left."""
-    old = model.read_json(os.path.join(run, "config.json")).get("recipe", {})
+    """A run directory must hold this same run (fields in RESUMABLE may differ) with steps left."""
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
-    diff = [f"{k} {old.get(k, defaults[k])!r} -> {v!r}" for k, v in json.loads(json.dumps(config["recipe"])).items()
-            if k not in RESUMABLE and old.get(k, defaults[k]) != v]
+    old = defaults | model.read_json(os.path.join(run, "config.json")).get("recipe", {})
+    new = {k: v for k, v in json.loads(json.dumps(config["recipe"])).items() if k not in RESUMABLE}
+    diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if old[k] != v]
     if diff:
-        raise UsageError(f"--out {run} holds another run ({'; '.join(diff)}): give the same flags to resume it, "
-                         "or another --out")
+        raise UsageError(f"--out {run} holds another run ({'; '.join(diff)}): give the same "
+                         "flags to resume it, or another --out")
     try:
         ckpt = sample.latest_checkpoint(run)
     except FileNotFoundError:  # none at all: the run starts
@@ -408,15 +408,15 @@ def check_resume(run, config, r):
         raise UsageError(f"{ckpt} holds the data positions of {written} processes and this run has "
                          f"{jax.process_count()}: resume it on {written}")
     if step >= r.steps:
-        raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger --steps to train it "
-                         "further, or another --out for a new run")
+        raise UsageError(f"--out {run} is finished ({step} of --steps {r.steps}): give a larger "
+                         "--steps to train it further, or another --out for a new run")
 
 def prepare_run(run, r, fit_text_length):
-    """Check everything, then reopen this same run, or build a new one in RUN.partial and rename it into
+    """Check everything, then reopen this run, or build a new one in RUN.partial and rename it into
     place: an interrupt at any moment leaves nothing or a run that resumes."""
     cfg = dataclasses.replace(model.PRESETS[r.model], image_size=r.image_size, mean_flow=bool(r.distill_from))
     check_recipe(r, cfg)
-    captions, complete = checked("", data.read_captions, list(r.data), r.seed)  # its errors name the --data
+    captions, complete = checked("", data.read_captions, list(r.data), r.seed)  # errors name --data
     resume = os.path.isfile(os.path.join(run, "config.json"))
     if not resume and os.path.exists(run) and os.listdir(run):
         raise UsageError(f"--out {run}: exists and is not a train.py run (no config.json)")
@@ -436,11 +436,11 @@ def prepare_run(run, r, fit_text_length):
         text_encoder = checked(f"--t5 {t5_path}: not a usable T5 folder", sample.load_text_encoder, t5_path, cfg)
         if fit_text_length:
             r = dataclasses.replace(r, text_length=sample.fitted_text_length(text_encoder[2], captions))
-        config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5", "text_length": r.text_length,
-                  "recipe": dataclasses.asdict(r)}
+        config = {"model": dataclasses.asdict(cfg), "t5": t5_path if r.t5 else "t5",
+                  "text_length": r.text_length, "recipe": dataclasses.asdict(r)}
         if resume:
             check_resume(run, config, r)
-        # the weights to start from: a student's teacher (on every run of it), a fine-tune's (new runs)
+        # the weights to start from: a student's teacher (every run), a fine-tune's (new runs)
         flag, path = ("distill", r.distill_from) if r.distill_from else ("init", "" if resume else r.init_from)
         init = path and checked(f"--{flag}-from {path}", load_init_weights, path,
                                 dataclasses.replace(cfg, mean_flow=False))
@@ -448,7 +448,7 @@ def prepare_run(run, r, fit_text_length):
         if not resume:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    multihost_utils.sync_global_devices("checks done")  # every process has read RUN.partial before it moves
+    multihost_utils.sync_global_devices("checks done")  # all have read RUN.partial before it moves
     if first:
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         with open(os.path.join(folder, "config.json.tmp"), "w") as f:
@@ -462,16 +462,16 @@ def prepare_run(run, r, fit_text_length):
     return cfg, r, text_encoder, captions, complete, init
 
 def load_init_weights(path, cfg):
-    """Weights to start from: a train.py run or checkpoint (its EMA), or released Diffusers weights."""
+    """Weights to start from: a train.py run or checkpoint's EMA, or released Diffusers weights."""
     loaded, params, _ = sample.load_denoiser(path)
     diff = [f"{k} {v} != {getattr(cfg, k)}" for k, v in dataclasses.asdict(loaded).items()
-            if k != "image_size" and v != getattr(cfg, k)]  # weights do not depend on the resolution
+            if k != "image_size" and v != getattr(cfg, k)]  # weights don't depend on the resolution
     if diff:
         raise ValueError(f"a model of another config ({', '.join(diff)})")
     return params
 
 def start_state(run, cfg, r, text_encoder, init):
-    """The compiled step, its frozen inputs and the state: fresh, or the newest complete checkpoint's."""
+    """The compiled step, its frozen inputs, the state: new or the newest complete checkpoint's."""
     t5cfg, t5_params, _ = text_encoder
     mesh = make_mesh(jax.devices())
     state_shapes = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
@@ -496,7 +496,7 @@ def start_state(run, cfg, r, text_encoder, init):
     return state, step_fn, frozen, batch_sharding, data_state
 
 def data_loader(r, cfg, tokenizer, buckets, data_state):
-    """This process's batches; process 0's probe of the bucket frequencies on every host: same shapes."""
+    """This process's batches; process 0's bucket frequencies on every host: the same shapes."""
     table = data.bucket_table(list(r.data), r.seed, buckets).astype(np.float32) if jax.process_index() == 0 \
         else np.zeros((len(data.parse_sources(r.data or ["synthetic"])), len(buckets)), np.float32)
     return data.Loader(list(r.data), cfg.image_size, r.batch_size // jax.process_count(), tokenizer,
@@ -504,24 +504,24 @@ def data_loader(r, cfg, tokenizer, buckets, data_state):
                        process_count=jax.process_count(), state=data_state, buckets=buckets,
                        frequencies=multihost_utils.broadcast_one_to_all(table))
 
-# ---------------------------------------------------------------------------------------- text encoder
+# ------------------------------------------------------------------------------------- text encoder
 
 def make_tiny_text_encoder(folder, captions, seed):
-    """A frozen random T5 and a BPE tokenizer fitted to the run's captions (whole words as pieces, at
-    most 8192, case folded, unseen words spelled in bytes, not <unk>), in the Hugging Face layout."""
+    """A frozen random T5 and a BPE tokenizer fitted to the run's captions (whole words as pieces,
+    at most 8192, case folded, unseen words as bytes, not <unk>), in Hugging Face's layout."""
     import sentencepiece
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "spiece.model"), "wb") as f:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(captions), model_writer=f, model_type="bpe", vocab_size=8192, hard_vocab_limit=False,
-            byte_fallback=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1,
-            unk_id=2, bos_id=-1, minloglevel=2)
-    cfg = model.T5Config(vocab_size=model.Tokenizer(os.path.join(folder, "spiece.model")).vocab_size, **TINY_T5)
+            sentence_iterator=iter(captions), model_writer=f, model_type="bpe", vocab_size=8192,
+            hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1,
+            normalization_rule_name="nmt_nfkc_cf", unk_id=2, bos_id=-1, minloglevel=2)
+    cfg = model.T5Config(vocab_size=model.Tokenizer(f.name).vocab_size, **TINY_T5)
     model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
 
 def encoded_text(r, cfg, text_encoder, captions, complete, start, buckets):
-    """The encode-once table (all captions known, fewer than the steps' encodings, one host), the grids'
-    inputs and the start-up record on the text."""
+    """The encode-once table (all captions known, fewer than the steps' encodings, one host), the
+    grids' inputs and the start-up record on the text."""
     t5cfg, t5_params, tokenizer = text_encoder
     distinct = len(set(captions))
     size = distinct * r.text_length * t5cfg.d_model * jnp.dtype(r.precision).itemsize
@@ -533,15 +533,15 @@ def encoded_text(r, cfg, text_encoder, captions, complete, start, buckets):
         print("\n".join([line, *warnings]), file=sys.stderr)
     prompts = sample.grid_prompts(r, captions)
     ids, mask = tokenizer.encode(prompts, r.text_length)
-    grid = {"prompts": prompts, "mask": mask, "context": sample.encode_text(t5_params, t5cfg, ids, mask),
-            "keys": jax.random.split(rng(r.seed, "grid"), len(prompts)),
-            "shapes": buckets[::len(buckets) // 2 or 1]}  # the tallest, square, the widest
+    grid = dict(prompts=prompts, mask=mask, context=sample.encode_text(t5_params, t5cfg, ids, mask),
+                keys=jax.random.split(rng(r.seed, "grid"), len(prompts)),
+                shapes=buckets[::len(buckets) // 2 or 1])  # the tallest, square, the widest
     return features, grid, {"text": line, **coverage}
 
-# --------------------------------------------------------------------------------------------- logging
+# ------------------------------------------------------------------------------------------ logging
 
 def stop_requests():
-    """A list that SIGINT or SIGTERM appends to: the run saves and exits; a second one quits at once."""
+    """A list that SIGINT and SIGTERM append to: the run saves and exits; a second quits at once."""
     stop = []
     def handler(signum, frame):
         if stop:
@@ -554,7 +554,7 @@ def stop_requests():
     return stop
 
 def log_step(log, bar, window, done, clock, r, loader):
-    """One line of log.jsonl and the bar; the new clock and each noise level's mean loss since the last."""
+    """A line of log.jsonl and the bar; the new clock, each noise level's mean loss since then."""
     m = {k: float(v) for k, v in window[-1].items() if np.ndim(v) == 0 and k != "stop"}
     sums, counts = np.sum(jax.device_get([[w["loss_sum_by_t"], w["count_by_t"]] for w in window]), axis=0)
     by_t = [float(s / c) if c else None for s, c in zip(sums, counts)]
@@ -567,7 +567,7 @@ def log_step(log, bar, window, done, clock, r, loader):
     return (now, done), by_t
 
 def check_health(log, metrics, step, run, r):
-    """The step's stop flag; a loss or gradient not finite stops the run before the step is saved."""
+    """The step's stop flag; a non-finite loss or gradient stops the run before it is saved."""
     m = jax.device_get(metrics)
     if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
         return bool(m["stop"])
@@ -584,11 +584,11 @@ def check_health(log, metrics, step, run, r):
 
 def run_summary(run, start, step, seconds, r, by_t, score):
     """The end of a run in one line: what it did, how fast, where it stands, where its files are."""
-    loss = ", ".join(f"{name} {'-' if x is None else f'{x:.4f}'}" for name, x in zip(T_NAMES, by_t or [None] * T_BUCKETS))
+    loss = ", ".join(f"{name} {'-' if x is None else f'{x:.4f}'}" for name, x in zip(T_NAMES, by_t))
     return (f"train.py: {step - start} steps to step {step} in {seconds:.0f} s, "
             f"{(step - start) * r.batch_size / seconds:.1f} images/s; final loss by noise level: "
-            + loss + ("" if score is None else f"; faithfulness {score:.0%}")
-            + f"; samples in {os.path.join(run, 'samples')}, checkpoints in " + os.path.join(run, "checkpoints"))
+            + loss + ("" if score is None else f"; faithfulness {score:.0%}") + f"; samples in "
+            f"{os.path.join(run, 'samples')}, checkpoints in {os.path.join(run, 'checkpoints')}")
 
 if __name__ == "__main__":
     try:
