@@ -413,7 +413,7 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size
         if not 2 <= n <= size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, size {size})")
         header = json.loads(f.read(n))
     data = np.memmap(path, np.uint8, "r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     out = {}
@@ -491,7 +491,7 @@ def read_weights(folder, stem):
 def read_json(path):
     """A JSON file's contents; a missing one is named in one line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)} there")
+        raise FileNotFoundError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}")
     with open(path) as f:
         return json.load(f)
 
