@@ -318,11 +318,8 @@ def open_source(path, number, seed, process_index=0, process_count=1):
                          " processes")
     return Files(path, mine, number, seed)
 
-class Files:
+class Files(collections.namedtuple("Files", "name units number seed")):
     """Samples from files, reshuffled each epoch: units (shards or samples), then within each."""
-
-    def __init__(self, name, units, number, seed):
-        self.name, self.units, self.number, self.seed = name, units, number, seed
 
     def samples(self, epoch, consumed):
         """(epoch, samples consumed once this one is, sample) from `consumed` into `epoch`, on."""
@@ -353,12 +350,8 @@ def shuffle_buffer(items, rng, size):
             buffer[j] = item
     yield from (buffer[j] for j in rng.permutation(len(buffer)))
 
-class Synthetic:
+class Synthetic(collections.namedtuple("Synthetic", "number seed process_index process_count")):
     """Endless scenes, each drawn at the shape asked for."""
-
-    def __init__(self, number, seed, process_index, process_count):
-        self.number, self.seed = number, seed
-        self.process_index, self.process_count = process_index, process_count
 
     def read(self, i, shape):
         index = i * self.process_count + self.process_index  # hosts never draw the same scene
@@ -561,8 +554,7 @@ SYNTHETIC_PROMPTS = [describe(Scene(*args)) for args in [
     ("square", "orange", "blue", 1, "right"), ("triangle", "purple", "white", 2),
     ("circle", "yellow", "blue", 1, "bottom"), ("square", "red", "black", 2)]]
 
-def nearest_colour(pixels, palette):
-    """Index into palette (RGB triples, 0-255) of the colour nearest to each pixel [..., 3]."""
+def nearest_colour(pixels, palette):  # index into palette (RGB, 0-255) for each pixel [..., 3]
     return np.argmin(((pixels[..., None, :] - np.array(palette, np.float32)) ** 2).sum(-1), -1)
 
 def regions(mask):
