@@ -1,6 +1,7 @@
 """train.py and sample.py as a user meets them: every flag does what it says, every mistake is refused before
 anything is written, an interrupt at any moment leaves nothing or a run that resumes, and the text encoder reads
 the run's own captions. The data is a user's folder (conftest.write_user_folder), not the built-in shapes."""
+import dataclasses
 import functools
 import json
 import os
@@ -79,6 +80,19 @@ def test_grids_of_a_data_run_show_its_captions(folder):
     assert sorted(sample.grid_prompts(r, data.read_captions([folder])[0])) == sorted(USER_CAPTIONS + ["a photo cut short"])
     shapes = sample.grid_prompts(train.Recipe(), data.synthetic_captions())  # 8 shown, 64 scored
     assert shapes[:8] == data.SYNTHETIC_PROMPTS and len(shapes) == 64 and set(shapes) <= set(data.synthetic_captions())
+
+
+def test_the_default_preset_trains_end_to_end(tmp_path):
+    """The other run tests train the small `test` model: here the tiny preset's own MM-JiT and random T5,
+    with every default but the size and length, train, save, draw and score a grid."""
+    run = str(tmp_path / "run")
+    train.main(["--out", run, "--image-size", "16", "--batch-size", "4", "--steps", "2", "--sample-every", "2",
+                "--sample-steps", "2"])
+    log = read_log(run)
+    assert [(m["step"], bool(np.isfinite(m["loss"]))) for m in log if "loss" in m] == [(2, True)]
+    assert json.load(open(os.path.join(run, "config.json")))["model"] == dataclasses.asdict(
+        dataclasses.replace(model.PRESETS["tiny"], image_size=16))
+    assert any("faithfulness" in m for m in log) and os.listdir(os.path.join(run, "checkpoints")) == ["step_00000002"]
 
 
 def test_data_without_out_gets_its_own_run_directory():
