@@ -303,7 +303,7 @@ def load_text_encoder(path, cfg):
     tokenizer = model.Tokenizer(os.path.join(path, "spiece.model"))
     if tokenizer.vocab_size > t5cfg.vocab_size:
         raise ValueError(f"{path}: spiece.model has {tokenizer.vocab_size} pieces, the T5 "
-                         f"{t5cfg.vocab_size}")
+                         f"only {t5cfg.vocab_size}")
     return t5cfg, t5params, tokenizer
 
 def fitted_text_length(tokenizer, captions):
