@@ -344,6 +344,9 @@ def parse_args(argv):
     if args.preset not in RECIPES:
         raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
+    teacher = os.path.join(args.distill_from or "", "config.json")  # a student learns on its data
+    if args.distill_from and "data" not in given and os.path.isfile(teacher):
+        given["data"] = checked("--distill-from", model.read_json, teacher).get("recipe", {}).get("data", [])
     student = DISTILL["tiny" if args.preset == "tiny" else "paper"] if args.distill_from else {}
     r = dataclasses.replace(RECIPES[args.preset], **student | given)
     r = dataclasses.replace(r, data=tuple(r.data))  # --data gives a list
@@ -381,11 +384,9 @@ def check_recipe(r, cfg):
              ("grad_accum", r.grad_accum >= 1 and r.batch_size // n % r.grad_accum == 0,
               f"a divisor of the per-device batch ({r.batch_size} over {n} devices = {r.batch_size // n})")]
     for name, ok, expected in rules:
-        if not ok:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(r, name)}: expected {expected}")
+        require(ok, f"--{name.replace('_', '-')} {getattr(r, name)}: expected {expected}")
     for flag, path in (("--init-from", r.init_from), ("--distill-from", r.distill_from)):
-        if path and not os.path.exists(path):
-            raise UsageError(f"{flag} {path}: no such file or directory")
+        require(not path or os.path.exists(path), f"{flag} {path}: no such file or directory")
 
 def check_resume(run, config, r):
     """A run directory must hold this same run (fields in RESUMABLE may differ) with steps left."""
@@ -520,8 +521,7 @@ def make_tiny_text_encoder(folder, captions, seed):
     model.save_t5(folder, cfg, jax.jit(model.init_t5, static_argnums=1)(rng(seed, "t5"), cfg))
 
 def encoded_text(r, cfg, text_encoder, captions, complete, start, buckets):
-    """The encode-once table (all captions known, fewer than the steps' encodings, one host), the
-    grids' inputs and the start-up record on the text."""
+    """The encode-once table (where it pays), the grids' inputs, the start-up record on the text."""
     t5cfg, t5_params, tokenizer = text_encoder
     distinct = len(set(captions))
     size = distinct * r.text_length * t5cfg.d_model * jnp.dtype(r.precision).itemsize

@@ -101,6 +101,16 @@ def test_data_without_out_gets_its_own_run_directory():
     assert train.parse_args(["--data", "pets.jsonl:2"])[0].out == os.path.join("runs", "tiny-pets")
 
 
+def test_a_student_learns_on_its_teachers_data(user_run, folder):
+    """Without --data, a student distils on the data its teacher was trained on (not the built-in shapes);
+    from a checkpoint folder too; --data still overrides it."""
+    args, r = train.parse_args(["--distill-from", user_run])
+    assert r.data == (folder,) and args.out == os.path.join("runs", "tiny-my_pictures-distill")
+    ckpt = os.path.join(user_run, "checkpoints", os.listdir(os.path.join(user_run, "checkpoints"))[0])
+    assert train.parse_args(["--distill-from", ckpt])[1].data == (folder,)
+    assert train.parse_args(["--distill-from", user_run, "--data", "synthetic"])[1].data == ("synthetic",)
+
+
 def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
     """Two copies of a run that differ only in noise_scale sample different images from one seed."""
     other = str(tmp_path / "other")
