@@ -28,11 +28,11 @@ class MMJiTConfig:
     patch_size: int = 4
     in_channels: int = 3
     txt_dim: int = 128  # width of the text encoder's features (T5 d_model)
-    hidden_size: int = 192
+    hidden_size: int = 96
     depth: int = 4  # double-stream blocks
     txt_preamble_depth: int = 2  # text-only blocks: the "adapter"
     num_heads: int = 3
-    head_dim: int = 64
+    head_dim: int = 32
     mlp_ratio: float = 8 / 3
     pca_channels: int = 32  # bottleneck width of the patch embedding
     mean_flow: bool = False  # a MeanFlow student: it takes a jump length and a guidance scale

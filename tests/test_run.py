@@ -126,7 +126,7 @@ def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
         sample.main(["--ckpt", run, "--prompt", USER_CAPTIONS[0], "--n", "1", "--steps", "2", "--out-dir", out])
         with Image.open(os.path.join(out, "0000_0.png")) as im:
             images[run] = np.asarray(im, np.int32)
-            assert im.text["guidance"] == "3.0"  # the run's recipe guidance by default
+            assert im.text["guidance"] == str(train.Recipe().guidance)  # the run's recipe guidance by default
     # A run of two steps barely reads its input, so the pixels move by little; with one noise scale they would
     # be bit-identical (same seed, same program: test_sample.test_cli_end_to_end).
     assert (images[user_run] != images[other]).any()

@@ -59,32 +59,32 @@ def test_adamw_ema_matches_optax(clip):
     assert int(state["step"]) == 5
 
 
-def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    """--muon: the blocks' weight matrices follow optax's Muon (its RMS matched to AdamW's, 0.2), every other
-    tensor, the embedder's matrix too, AdamW exactly as without it."""
+def test_muon_takes_the_weight_matrices_and_adamw_the_rest():
+    """--muon: every 2-D weight matrix (a block's, an embedder's) follows optax's Muon (its RMS matched to
+    AdamW's, 0.2); biases, norms and conv kernels AdamW exactly as without it."""
     r = train.Recipe(lr=1e-2, warmup=3, muon=True)
     rng = np.random.default_rng(0)
-    params = {"double_blocks": [{"w": jnp.asarray(rng.normal(size=(6, 10)), jnp.float32), "b": jnp.ones(10)}],
-              "embedder": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)}
-    matrices = {"w": params["double_blocks"][0]["w"]}
-    rest = {"b": params["double_blocks"][0]["b"], "embedder": params["embedder"]}
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    params = {"double_blocks": [{"w": normal(6, 10), "b": jnp.ones(10)}], "embedder": normal(4, 6),
+              "kernel": normal(2, 2, 3, 4)}
+    matrices = lambda t: {"w": t["double_blocks"][0]["w"], "embedder": t["embedder"]}
+    rest = lambda t: {"b": t["double_blocks"][0]["b"], "kernel": t["kernel"]}
     muon = optax.contrib.muon(train.lr_schedule(r), consistent_rms=0.2)
     adamw = optax.adamw(train.lr_schedule(r), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
-    refs = [(matrices, muon, muon.init(matrices)), (rest, adamw, adamw.init(rest))]
+    refs = [(matrices(params), muon, muon.init(matrices(params))), (rest(params), adamw, adamw.init(rest(params)))]
     zeros = jax.tree.map(jnp.zeros_like, params)
     state = {"params": params, "ema": params, "mu": zeros, "nu": zeros, "step": jnp.zeros((), jnp.int32)}
     for _ in range(5):
-        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        grads = jax.tree.map(lambda x: normal(*x.shape), params)
         state = train.adamw_ema(state, grads, optax.tree.norm(grads), r)
-        split = ({"w": grads["double_blocks"][0]["w"]},
-                 {"b": grads["double_blocks"][0]["b"], "embedder": grads["embedder"]})
         refs = [(optax.apply_updates(p, tx.update(g, s, p)[0]), tx, tx.update(g, s, p)[1])
-                for (p, tx, s), g in zip(refs, split)]
+                for (p, tx, s), g in zip(refs, (matrices(grads), rest(grads)))]
     got = state["params"]
     # float32 matrix products in another order: updates are ~1e-2, differences ~1e-7.
-    np.testing.assert_allclose(got["double_blocks"][0]["w"], refs[0][0]["w"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got["double_blocks"][0]["b"], refs[1][0]["b"], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got["embedder"], refs[1][0]["embedder"], rtol=1e-6, atol=1e-7)
+    for name, ref in refs[0][0].items():
+        np.testing.assert_allclose(matrices(got)[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+    for name, ref in refs[1][0].items():
+        np.testing.assert_allclose(rest(got)[name], ref, rtol=1e-6, atol=1e-7, err_msg=name)
     assert not any(r.muon for name, r in train.RECIPES.items() if name != "tiny")  # the paper's: AdamW
 
 
