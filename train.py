@@ -71,8 +71,8 @@ class Recipe:
     init_from: str = field("", "fine-tune from a run or checkpoint's EMA, or released weights")
     distill_from: str = field("", "distil a run or checkpoint's EMA to a few-step MeanFlow student")
     r_equals_t: float = field(0.25, "distillation: share of examples with no jump (r = t)")
-    w_min: float = field(2.0, "distillation: the student learns guidance w in [w_min, w_max]")
-    w_max: float = field(4.0, "distillation: see --w-min")
+    w_min: float = field(1.0, "distillation: the student learns guidance w in [w_min, w_max]")
+    w_max: float = field(3.0, "distillation: see --w-min")
 
 # Fields a resumed run may change: not what it computes (lr: to go on after a loss went non-finite).
 RESUMABLE = {"steps", "log_every", "sample_every", "sample_steps", "guidance", "ckpt_every", "keep",

@@ -275,7 +275,7 @@ def test_load_run_weights(run_dir, use_ema, name):
     for key, value in model.flatten(params).items():
         np.testing.assert_array_equal(value, saved[key])
     assert settings == {"t5": os.path.join(run_dir, "t5"), "text_length": 12, "noise_scale": 2.0,
-                        "guidance": 3.0}
+                        "guidance": train.Recipe().guidance}
 
 
 @pytest.fixture(scope="module")
