@@ -340,7 +340,7 @@ def test_bad_input_in_a_real_process(run_dir, tmp_path):
 @pytest.mark.parametrize("flags, name", [([], "ema"), (["--no-ema"], "params")])
 def test_export_diffusers_round_trip(run_dir, tmp_path, monkeypatch, flags, name):
     """A run exported (no prompts needed) and read back: bit-identical weights, and samples with
-    every setting the run's, guidance included (3, where a released model's default is 5). Its
+    every setting the run's, guidance included (the run's 2, where a released model's default is 5). Its
     config names no absolute path; a copy elsewhere samples the same with --t5."""
     out = str(tmp_path / "export")
     sample.main(["--ckpt", run_dir, "--export-diffusers", out, *flags])
@@ -348,7 +348,7 @@ def test_export_diffusers_round_trip(run_dir, tmp_path, monkeypatch, flags, name
     ckpt = sample.latest_checkpoint(run_dir)
     saved = model.read_safetensors(os.path.join(ckpt, name + ".safetensors"))
     assert cfg == sample.load_denoiser(run_dir)[0]
-    assert settings["text_length"] == 12 and settings["guidance"] == 3.0  # the run's, not RELEASED
+    assert settings["text_length"] == 12 and settings["guidance"] == train.Recipe().guidance  # not RELEASED
     assert os.path.samefile(settings["t5"], os.path.join(run_dir, "t5"))  # found through the config
     for key, value in model.flatten(params).items():
         np.testing.assert_array_equal(value, saved[key])
@@ -370,7 +370,7 @@ def test_export_diffusers_round_trip(run_dir, tmp_path, monkeypatch, flags, name
         assert list(run) == list(export)
         for k in run:
             np.testing.assert_array_equal(run[k][0], export[k][0])
-            assert run[k][1] == export[k][1] and run[k][1]["guidance"] == "3.0"
+            assert run[k][1] == export[k][1] and run[k][1]["guidance"] == str(train.Recipe().guidance)
 
 
 def test_released_layout_imported_then_exported_is_unchanged(tmp_path):

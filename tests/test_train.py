@@ -37,7 +37,7 @@ def test_loss_matches_reference():
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_adamw_ema_matches_optax(clip):
     """The fused update against optax's AdamW (weight decay 0) chained after clipping, and an explicit EMA."""
-    r = train.Recipe(lr=1e-2, warmup=3, clip=clip, ema=0.9)
+    r = train.Recipe(lr=1e-2, warmup=3, clip=clip, ema=0.9, muon=False)
     tx = optax.adamw(train.lr_schedule(r), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
     tx = optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
     rng = np.random.default_rng(0)
