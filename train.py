@@ -149,8 +149,8 @@ def orthogonalized(g, steps=5):
 
 def adamw_ema(state, grads, grad_norm, r):
     """AdamW (betas 0.9, 0.95, no weight decay), clipping, then the EMA, as one elementwise function
-    of each tensor that XLA fuses (half optax's time). With r.muon every 2-D matrix (embedders' too)
-    takes Muon's step (Nesterov 0.95, orthogonalized, scaled to AdamW's update size; nu stays 0)."""
+    per tensor, fused by XLA (half optax's time). With r.muon every 2-D matrix (the text
+    embedder's, the output's too) takes Muon's step (Nesterov 0.95, orthogonalized, AdamW's RMS)."""
     step, b1, b2 = state["step"], 0.9, 0.95
     lr, count = lr_schedule(r)(step), step + 1.0
     scale = jnp.minimum(1.0, r.clip / grad_norm) if r.clip else 1.0
