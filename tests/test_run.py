@@ -111,6 +111,15 @@ def test_a_student_learns_on_its_teachers_data(user_run, folder):
     assert train.parse_args(["--distill-from", user_run, "--data", "synthetic"])[1].data == ("synthetic",)
 
 
+def test_a_students_guidance_range_is_centred_on_its_presets_guidance():
+    """The student learns w in [g - 1, g + 1] around the guidance its preset samples at (tiny 2, the
+    fine-tune 5): a fine-tune's student is not left to extrapolate; flags still override it."""
+    ranges = {p: train.parse_args(["--preset", p, "--distill-from", "nowhere"])[1] for p in ("tiny", "b16-finetune")}
+    assert [(r.w_min, r.w_max) for r in ranges.values()] == [(1.0, 3.0), (4.0, 6.0)]
+    r = train.parse_args(["--distill-from", "nowhere", "--guidance", "0.5", "--w-max", "7"])[1]
+    assert (r.w_min, r.w_max) == (0.0, 7.0)
+
+
 def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
     """Two copies of a run that differ only in noise_scale sample different images from one seed."""
     other = str(tmp_path / "other")
