@@ -352,10 +352,9 @@ def parse_args(argv):
     teacher = os.path.join(args.distill_from or "", "config.json")  # a student learns on its data
     if args.distill_from and "data" not in given and os.path.isfile(teacher):
         given["data"] = checked("--distill-from", model.read_json, teacher).get("recipe", {}).get("data", [])
-    g = given.get("guidance", RECIPES[args.preset].guidance)  # the student's w range: around it
-    student = DISTILL["tiny" if args.preset == "tiny" else "paper"] | dict(w_min=max(g - 1, 0), w_max=g + 1) \
-        if args.distill_from else {}
-    r = dataclasses.replace(RECIPES[args.preset], **student | given)
+    g = given.get("guidance", RECIPES[args.preset].guidance)  # a student learns w around it
+    student = DISTILL["tiny" if args.preset == "tiny" else "paper"] | dict(w_min=max(g - 1, 0), w_max=g + 1)
+    r = dataclasses.replace(RECIPES[args.preset], **(student if args.distill_from else {}) | given)
     r = dataclasses.replace(r, data=tuple(r.data))  # --data gives a list
     if r.model not in model.PRESETS:
         raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
