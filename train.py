@@ -17,7 +17,8 @@ import signal
 import sys
 import time
 
-if __name__ == "__main__" and sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+script = __name__ == "__main__" and sys.orig_argv[-len(sys.argv):] == sys.argv  # not -m, %run, ...
+if script and sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
     # XLA allocates a CPU step's temporaries anew and glibc maps them in 4 KiB pages (tiny: a quarter of a
     # step in page faults); in huge pages a run takes 12% less time. glibc reads this at start-up only.
     os.execve(sys.executable, sys.orig_argv, os.environ | {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})

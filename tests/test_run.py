@@ -390,3 +390,15 @@ def test_every_flag_says_what_it_does(capsys):
     for f in train.dataclasses.fields(train.Recipe):
         help = " ".join(f.metadata["help"].replace("%%", "%").split())
         assert f"--{f.name.replace('_', '-')}" in text and help[:40] in text and len(help) > 10, f.name
+
+
+def test_train_py_restarts_itself_only_as_a_script():
+    """On Linux `python train.py` re-executes itself once with glibc's huge-page tunable; run in a host
+    process (a notebook's %run, runpy) it must not replace that process: the code after it still runs."""
+    code = ("import os, runpy, sys; sys.argv = ['train.py', '--help']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('still here', e.code, os.environ.get('GLIBC_TUNABLES'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    # replaced, the process would start over with the tunable set and print it
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("still here 0 None"), proc.stderr[-2000:]
