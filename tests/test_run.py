@@ -120,6 +120,19 @@ def test_a_students_guidance_range_is_centred_on_its_presets_guidance():
     assert (r.w_min, r.w_max) == (0.0, 7.0)
 
 
+def test_paper_presets_and_students_keep_the_specs_noise_levels():
+    """Only the tiny teacher draws t wider and caps the loss weight (a_min 0.25): the paper presets keep
+    SPEC's t = sigmoid(N(-0.8, 0.8)) and a_min 0.01, and every student a_min 0.01, which in the MeanFlow
+    target defines the velocity near t = 1, not only a weight."""
+    spec = (-0.8, 0.8, 0.01, 2.0)
+    for preset in set(train.RECIPES) - {"tiny"}:
+        r = train.parse_args(["--preset", preset])[1]
+        assert (r.t_mu, r.t_sigma, r.a_min, r.noise_scale) == spec, preset
+    for preset in ("tiny", "b16-finetune"):
+        assert train.parse_args(["--preset", preset, "--distill-from", "nowhere"])[1].a_min == 0.01
+    assert train.parse_args([])[1].a_min > 0.01 and train.parse_args(["--a-min", "0.01"])[1].a_min == 0.01
+
+
 def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
     """Two copies of a run that differ only in noise_scale sample different images from one seed."""
     other = str(tmp_path / "other")
