@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (after the environment it reads at import)
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 import model  # noqa: E402
 
@@ -80,3 +81,12 @@ def write_user_folder(folder, sizes=((48, 30), (22, 40), (14, 14), (64, 28))):
         with open(os.path.join(folder, f"img{i}.{ext}"), "w") as f:
             f.write(json.dumps({"caption": caption}) if ext == "json" else caption + "\n")
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def memorised_shapes(tmp_path_factory):
+    """test_overfit's small MM-JiT after learning the four built-in scenes: that test's subject, and the
+    teacher test_distill's student starts from (trained once for both)."""
+    from test_overfit import memorise
+
+    return memorise(tmp_path_factory.mktemp("memorised"), "shapes")
