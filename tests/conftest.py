@@ -90,3 +90,14 @@ def memorised_shapes(tmp_path_factory):
     from test_overfit import memorise
 
     return memorise(tmp_path_factory.mktemp("memorised"), "shapes")
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A finished SMALL_RUN of 2 steps, its checkpoint at step 2: test_sample's run to sample from, and (a copy)
+    test_distill's teacher. Read it; change only a copy."""
+    import train
+
+    run = str(tmp_path_factory.mktemp("small") / "run")
+    train.main(SMALL_RUN + ["--out", run, "--steps", "2", "--ckpt-every", "2"])
+    return run

@@ -27,12 +27,12 @@ def read_log(run):
         return [json.loads(line) for line in f]
 
 
-def test_distillation_resumes_exactly(tmp_path):
+def test_distillation_resumes_exactly(tmp_path, small_run):
     """A student's 4 steps, then 4 more from its checkpoint, equal 8 uninterrupted ones, bit for
     bit: the teacher is reloaded on resume and every draw (t, r, w, noise) is the step's. Then the
     student's export to the Diffusers layout, and a teacher without its T5 folder."""
     teacher, straight, split = (str(tmp_path / n) for n in ("teacher", "straight", "split"))
-    train.main(SMALL_RUN + ["--out", teacher, "--steps", "2"])
+    shutil.copytree(small_run, teacher)  # a SMALL_RUN of 2 steps (conftest's, shared: a copy, as its T5 goes below)
     student = SMALL_RUN + ["--distill-from", teacher, "--sample-every", "0"]
     train.main(student + ["--out", straight, "--steps", "8", "--ckpt-every", "8"])
     train.main(student + ["--out", split, "--steps", "4", "--ckpt-every", "4"])
@@ -190,7 +190,7 @@ DEVICES_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import model, train
     jax.config.update("jax_default_matmul_precision", "highest")
-    cfg = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1,
+    cfg = model.MMJiTConfig(image_size=8, patch_size=4, txt_dim=16, hidden_size=32, depth=1, txt_preamble_depth=1,
                             num_heads=2, head_dim=16, pca_channels=8, mean_flow=True)
     teacher = jax.tree.map(np.array, model.init_mmjit(jax.random.key(1),
                                                       dataclasses.replace(cfg, mean_flow=False)))

@@ -15,7 +15,7 @@ from PIL import Image
 import model
 import sample
 import train
-from conftest import FIXTURES, ROOT, SMALL_RUN
+from conftest import FIXTURES, ROOT
 MMJIT = os.path.join(FIXTURES, "mmjit_tiny")
 SPIECE = os.path.join(FIXTURES, "tokenizer_tiny", "spiece.model")
 
@@ -207,10 +207,8 @@ TINY_T5 = model.T5Config(vocab_size=96, d_model=16, d_kv=8, num_heads=2, d_ff=32
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("run"))
-    train.main(SMALL_RUN + ["--out", run, "--steps", "2", "--ckpt-every", "2"])
-    return run
+def run_dir(small_run):
+    return small_run  # conftest's: 2 steps, a checkpoint at step 2 (shared with test_distill)
 
 
 def read_pngs(folder):

@@ -171,7 +171,7 @@ DEVICES_SCRIPT = textwrap.dedent("""
     import model, train
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=32, hidden_size=64, depth=1, num_heads=2,
-                            head_dim=32, pca_channels=8)
+                            head_dim=32, pca_channels=8, txt_preamble_depth=1)  # 1 preamble block: less to trace
     t5cfg = model.T5Config(vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1)
     t5 = model.init_t5(jax.random.key(1), t5cfg)
     rng = np.random.default_rng(0)
@@ -235,7 +235,7 @@ HLO_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import model, train
     cfg = model.MMJiTConfig(image_size=16, patch_size=4, txt_dim=32, hidden_size=64, depth=1, num_heads=2,
-                            head_dim=32, pca_channels=8)
+                            head_dim=32, pca_channels=8, txt_preamble_depth=1)  # 1 preamble block: less to trace
     shapes = jax.eval_shape(functools.partial(train.init_state, cfg=cfg), jax.random.key(0))
     batch = {"images": jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32),  # T5 features: no T5 to compile
              "context": jax.ShapeDtypeStruct((8, 6, 32), np.float32), "mask": jax.ShapeDtypeStruct((8, 6), np.int32)}
