@@ -215,13 +215,13 @@ def test_fine_tuning_starts_from_the_source_weights(user_run, tmp_path):
     assert np.abs(source["final_layer.linear.weight"]).max() > 0  # trained, so not a fresh initialisation
 
 
-def test_a_torn_log_line_does_not_stop_a_resume(tmp_path):
+def test_a_torn_log_line_does_not_stop_a_resume(small_run, tmp_path):
     run = str(tmp_path / "run")
-    train.main(SMALL_RUN + ["--out", run, "--steps", "1", "--ckpt-every", "1"])
+    shutil.copytree(small_run, run)  # conftest's 2 steps, a checkpoint at step 2
     with open(os.path.join(run, "log.jsonl"), "a") as f:
-        f.write('{"step": 2, "loss": 0.5, "gra')  # killed while writing
-    train.main(SMALL_RUN + ["--out", run, "--steps", "2", "--ckpt-every", "1"])
-    assert [m["step"] for m in read_log(run) if "loss" in m] == [1, 2]
+        f.write('{"step": 3, "loss": 0.5, "gra')  # killed while writing
+    train.main(SMALL_RUN + ["--out", run, "--steps", "3", "--ckpt-every", "1"])
+    assert [m["step"] for m in read_log(run) if "loss" in m] == [1, 2, 3]
 
 
 def test_interrupts_during_start_up_leave_a_run_that_resumes(tmp_path):

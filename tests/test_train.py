@@ -330,12 +330,12 @@ def test_bad_t5_folder(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()  # nothing left behind
 
 
-def test_other_config_in_out_dir_and_wrong_init(tmp_path):
+def test_other_config_in_out_dir_and_wrong_init(small_run, tmp_path):
     run = str(tmp_path / "run")
-    train.main(SMALL + ["--out", run, "--steps", "1", "--ckpt-every", "1"])
+    shutil.copytree(small_run, run)  # conftest's SMALL run of 2 steps
     before = open(os.path.join(run, "config.json")).read()
     with pytest.raises(train.UsageError, match="holds another run .image_size 16 -> 24"):
-        train.main(SMALL + ["--image-size", "24", "--out", run, "--steps", "2"])
+        train.main(SMALL + ["--image-size", "24", "--out", run, "--steps", "3"])
     assert open(os.path.join(run, "config.json")).read() == before
     # A checkpoint of another shape (16 px vs 24 px changes nothing in the weights; another text encoder
     # width does): the error names the key, and no run directory is left half-made.
@@ -345,14 +345,14 @@ def test_other_config_in_out_dir_and_wrong_init(tmp_path):
     assert not os.path.isdir(os.path.join(other, "checkpoints"))
 
 
-def test_non_finite_loss_stops_at_its_step_and_goes_on_with_a_smaller_lr(tmp_path):
+def test_non_finite_loss_stops_at_its_step_and_goes_on_with_a_smaller_lr(small_run, tmp_path):
     """An absurd --lr after a good checkpoint: step 3's update blows the weights up, step 4's loss is not
     finite. The run stops there (found one step behind, at step 5: no log line or save is due at 4), names
     the step and the noise levels, writes nothing of it, and the same command with a smaller --lr goes on
     from the last good checkpoint."""
     run = str(tmp_path / "run")
     args = SMALL + ["--out", run, "--log-every", "100", "--ckpt-every", "5", "--steps", "6"]
-    train.main(args[:-1] + ["2"])
+    shutil.copytree(small_run, run)  # conftest's 2 steps (logged each), its checkpoint at step 2
     with pytest.raises(SystemExit) as stopped:
         train.main(args + ["--lr", "1e30"])
     assert stopped.value.code != 0 and str(stopped.value).splitlines() == [str(stopped.value)]
@@ -362,7 +362,7 @@ def test_non_finite_loss_stops_at_its_step_and_goes_on_with_a_smaller_lr(tmp_pat
                         r"command with a smaller --lr \(now 1e\+30\) goes on from there", str(stopped.value))
     assert os.listdir(os.path.join(run, "checkpoints")) == ["step_00000002"]
     train.main(args + ["--lr", "1e-3"])
-    assert [m["step"] for m in read_log(run)] == [2, 6] and all(np.isfinite(m["loss"]) for m in read_log(run))
+    assert [m["step"] for m in read_log(run)] == [1, 2, 6] and all(np.isfinite(m["loss"]) for m in read_log(run))
 
 
 def test_loss_by_noise_level_picture_and_summary(tmp_path, capsys):
