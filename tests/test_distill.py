@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
 import model
 import sample
 import train
