@@ -94,8 +94,8 @@ def memorised_shapes(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-    """A finished SMALL_RUN of 2 steps, its checkpoint at step 2: test_sample's run to sample from, and (a copy)
-    test_distill's teacher. Read it; change only a copy."""
+    """A finished SMALL_RUN of 2 steps, its checkpoint at step 2: test_sample's run to sample from; copied by
+    test_distill as its teacher and by the tests that resume, tear or reconfigure a run. Read it; change only a copy."""
     import train
 
     run = str(tmp_path_factory.mktemp("small") / "run")

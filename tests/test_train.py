@@ -19,7 +19,6 @@ import optax
 import pytest
 from PIL import Image
 
-import data
 import model
 import sample
 import train
