@@ -24,7 +24,7 @@ import model  # noqa: E402
 # share: square only (one compiled step per run; the tests that are about buckets turn --multi-aspect back
 # on), and a one-block MM-JiT. Their subject is the run (resume, signals, checkpoints, logs), not the model:
 # the tiny preset costs 4x the CPU time a run. The overfit tests train the real tiny model.
-model.PRESETS["test"] = model.MMJiTConfig(hidden_size=64, depth=1, txt_preamble_depth=1, num_heads=2,
+model.PRESETS["test"] = model.MMJiTConfig(patch_size=4, hidden_size=64, depth=1, txt_preamble_depth=1, num_heads=2,
                                           head_dim=32, pca_channels=8)
 SMALL_RUN = ["--model", "test", "--image-size", "16", "--batch-size", "4", "--text-length", "12",
              "--log-every", "1", "--sample-every", "0", "--no-multi-aspect"]
