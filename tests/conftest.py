@@ -23,7 +23,7 @@ import model  # noqa: E402
 # A small train.py run (16 px images, 12 text tokens, batch 4) that the tests of train.py and sample.py
 # share: square only (one compiled step per run; the tests that are about buckets turn --multi-aspect back
 # on), and a one-block MM-JiT. Their subject is the run (resume, signals, checkpoints, logs), not the model:
-# the tiny preset costs 4x the CPU time a run. The overfit tests train the real tiny model.
+# the tiny preset costs 4x the CPU time a run. The overfit tests train a tiny-sized model.
 model.PRESETS["test"] = model.MMJiTConfig(patch_size=4, hidden_size=64, depth=1, txt_preamble_depth=1, num_heads=2,
                                           head_dim=32, pca_channels=8)
 SMALL_RUN = ["--model", "test", "--image-size", "16", "--batch-size", "4", "--text-length", "12",

@@ -157,7 +157,7 @@ def test_noise_scale_reaches_the_sampler(user_run, tmp_path):
 # ----------------------------------------------------------------------------- mistakes refused up front
 
 @pytest.mark.parametrize("flags, message", [
-    (["--image-size", "30"], "--image-size 30: expected a positive multiple of the patch size 8"),
+    (["--image-size", "30"], "--image-size 30: expected a positive multiple of the patch size 4"),
     (["--batch-size", "0"], "--batch-size 0: expected a positive multiple of the"),
     (["--log-every", "0"], "--log-every 0: expected at least 1"),
     (["--ckpt-every", "0"], "--ckpt-every 0: expected at least 1"),
