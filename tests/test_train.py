@@ -342,6 +342,12 @@ def test_other_config_in_out_dir_and_wrong_init(small_run, tmp_path):
     with pytest.raises(train.UsageError, match="holds another run .image_size 16 -> 24"):
         train.main(SMALL + ["--image-size", "24", "--out", run, "--steps", "3"])
     assert open(os.path.join(run, "config.json")).read() == before
+    # A run of a preset that has changed since (tiny was patch 4): named before its weights are read.
+    config = json.loads(before)
+    config["model"]["patch_size"] = 2
+    open(os.path.join(run, "config.json"), "w").write(json.dumps(config))
+    with pytest.raises(train.UsageError, match=r"holds another run \(patch_size 2 -> 4\)"):
+        train.main(SMALL + ["--out", run, "--steps", "3"])
     # A checkpoint of another shape (16 px vs 24 px changes nothing in the weights; another text encoder
     # width does): the error names the key, and no run directory is left half-made.
     other = str(tmp_path / "other")
