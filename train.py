@@ -400,8 +400,9 @@ def check_resume(run, config, r):
     """A run directory must hold this same run (fields in RESUMABLE may differ) with steps left."""
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     saved = model.read_json(os.path.join(run, "config.json"))
-    old, new = defaults | saved.get("recipe", {}), {k: v for k, v in config["recipe"].items() if k not in RESUMABLE}
-    diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in json.loads(json.dumps(new)).items() if old[k] != v]
+    old = defaults | saved.get("recipe", {})
+    new = {k: v for k, v in json.loads(json.dumps(config["recipe"])).items() if k not in RESUMABLE}
+    diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if old[k] != v]
     diff += [f"{k} {v!r} -> {config['model'][k]!r}" for k, v in saved.get("model", {}).items()
              if k not in new and config["model"].get(k, v) != v]  # a preset changed (tiny: patch 4 -> 8)
     if diff:

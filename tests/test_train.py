@@ -345,7 +345,8 @@ def test_other_config_in_out_dir_and_wrong_init(small_run, tmp_path):
     # A run of a preset that has changed since (tiny was patch 4): named before its weights are read.
     config = json.loads(before)
     config["model"]["patch_size"] = 2
-    open(os.path.join(run, "config.json"), "w").write(json.dumps(config))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(config, f)
     with pytest.raises(train.UsageError, match=r"holds another run \(patch_size 2 -> 4\)"):
         train.main(SMALL + ["--out", run, "--steps", "3"])
     # A checkpoint of another shape (16 px vs 24 px changes nothing in the weights; another text encoder
