@@ -497,7 +497,7 @@ def parser():
     add("--prompts-file", help="one prompt per line (blank lines skipped)")
     add("--n", type=int, default=4, help="images per prompt (default 4)")
     add("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the "
-        f"run's, 3 for tiny; {RELEASED['guidance']} for released weights)")
+        f"run's, 2 for tiny; {RELEASED['guidance']} for released weights)")
     add("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
         help="guide only the steps that start at LO <= t <= HI, t = 0 noise, t = 1 data; the "
         "others run the prompt's prediction alone, at half the cost (default 0 1: every step)")

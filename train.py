@@ -1,4 +1,4 @@
-"""Train MiniT2I by flow matching: x-prediction, v-loss, AdamW, EMA. From a 2-core laptop to a pod.
+"""Train MiniT2I by flow matching: x-prediction, v-loss, AdamW (tiny: Muon), EMA. From a 2-core laptop to a pod.
 
     python train.py   # tiny model, synthetic shapes, random tiny T5, 3-5 minutes on 2 cores
     python train.py --preset b16-pretrain --t5 flan-t5-large --data 'cc12m/{00000..02175}.tar'
