@@ -3,7 +3,7 @@ the judge: run as a script (pytest does not collect it).
 
     python tests/standin.py write FOLDER      # ten classes, 1,800 images with captions beside them
     python train.py --data FOLDER --out RUN
-    python tests/standin.py evaluate RUN      # prompt accuracy, variety and copying per guidance
+    python tests/standin.py evaluate RUN      # accuracy, variety, copying and seams per guidance
 
 The classes are six photograph-like textures and four glyphs in the machine's fonts, one sub-folder
 each (the label; train.py reads only the captions). The judge is a small MLP on colour, gradient and
@@ -260,14 +260,23 @@ def mean_pairwise(x):
     return d.sum() / (len(x) * (len(x) - 1))
 
 
+def seams(images, patch):
+    """How much the patch grid shows in images [N, S, S, 3]: the mean step between neighbouring
+    pixels across patch borders over the one inside patches (real images: about 1)."""
+    steps = [np.abs(np.diff(images, axis=axis)).mean((0, 3, 2 if axis == 1 else 1)) for axis in (1, 2)]
+    border = np.arange(images.shape[1] - 1) % patch == patch - 1
+    return sum(s[border].mean() for s in steps) / sum(s[~border].mean() for s in steps)
+
+
 def draw(run, n, guidances, seed):
-    """Samples {guidance: [classes, n, S, S, 3]} of every class's prompt, clipped to [-1, 1], from
-    the run's default sampler; kept in the run's folder: a changed judge re-scores them for free."""
+    """(samples {guidance: [classes, n, S, S, 3]} of every class's prompt, clipped to [-1, 1], from
+    the run's default sampler; its patch size). The samples are kept in the run's folder: a changed
+    judge re-scores them for free."""
     path = os.path.join(run, f"standin_samples_n{n}_seed{seed}.npz")
     cached = dict(np.load(path)) if os.path.isfile(path) else {}
     missing = [g for g in guidances if f"{g:g}" not in cached]
+    cfg, params, settings = sample.load_denoiser(run)
     if missing:
-        cfg, params, settings = sample.load_denoiser(run)
         t5cfg, t5params, tokenizer = sample.load_text_encoder(settings["t5"], cfg)
         for g in missing:
             per_class = []
@@ -280,7 +289,7 @@ def draw(run, n, guidances, seed):
                                                        guidance=g, sampler="dpm++2m"), -1, 1))
             cached[f"{g:g}"] = np.stack(per_class)
             np.savez(path, **cached)
-    return {g: cached[f"{g:g}"] for g in guidances}
+    return {g: cached[f"{g:g}"] for g in guidances}, cfg.patch_size
 
 
 def evaluate(run, folder, n, guidances, seed):
@@ -288,7 +297,7 @@ def evaluate(run, folder, n, guidances, seed):
     in pixels and in the judge's standardised features. A flat or blurred sample sits near every
     real image, so a low nearest-real ratio alone is not copying; copies are the samples nearer a
     real image than half the reals' median nearest-neighbour distance."""
-    samples = draw(run, n, guidances, seed)
+    samples, patch = draw(run, n, guidances, seed)
     predict, held_out, reals, labels = judge(folder, samples[guidances[0]].shape[2], seed)
     print(f"judge: {held_out:.1%} held-out accuracy on real images ({len(labels)} images)")
     real_feats = features(reals)
@@ -312,19 +321,21 @@ def evaluate(run, folder, n, guidances, seed):
                     f"nearest_{space}": float(np.mean(nearest)),
                     f"copies_{space}": float(np.mean(copies))}
         row |= {"accuracy": float(np.mean(right)), "worst_class": float(np.min(right)),
+                "seams": float(seams(samples[g].reshape(-1, *samples[g].shape[2:]), patch)),
                 "per_class": dict(zip(CLASSES, np.round(right, 3).tolist()))}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{run}, {n} samples a class, dpm++2m 20 steps, judge {held_out:.1%} on held-out real "
           "images\n")
+    print(f"real images' seams at patch {patch}: {seams(reals, patch):.2f}\n")
     print("| guidance | prompt accuracy | worst class | variety vs real (pixels / features) "
-          "| nearest-real vs real NN (pixels / features) | copies (pixels / features) |")
-    print("|---|---|---|---|---|---|")
+          "| nearest-real vs real NN (pixels / features) | copies (pixels / features) | seams |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['worst_class']:.1%} "
               f"| {r['variety_pixels']:.2f}x / {r['variety_features']:.2f}x "
               f"| {r['nearest_pixels']:.2f}x / {r['nearest_features']:.2f}x "
-              f"| {r['copies_pixels']:.1%} / {r['copies_features']:.1%} |")
+              f"| {r['copies_pixels']:.1%} / {r['copies_features']:.1%} | {r['seams']:.2f} |")
 
 
 def main(argv=None):

@@ -388,3 +388,16 @@ def test_released_layout_imported_then_exported_is_unchanged(tmp_path):
             assert not out[k].any(), k
         else:
             np.testing.assert_array_equal(out[k], v, err_msg=k)
+
+
+def test_seams_tell_a_patch_grid_from_a_smooth_image():
+    """tests/standin.py's seams, behind the README's figures: 1 for a smooth image at any grid, far
+    above 1 where every 8 px patch is offset on its own, and only at that grid's borders."""
+    import standin
+    y, x = np.mgrid[0:32, 0:32] / 31.0
+    smooth = np.stack([x, y, x * y], -1)[None] * np.ones((4, 1, 1, 1))  # [4, 32, 32, 3]
+    offsets = np.random.default_rng(0).uniform(-0.3, 0.3, (4, 4, 4, 1))  # one a patch
+    blocky = smooth + offsets.repeat(8, 1).repeat(8, 2)
+    assert standin.seams(smooth, 8) == pytest.approx(1.0)  # a ramp: every step alike, 1 exactly
+    assert standin.seams(blocky, 8) > 3
+    assert standin.seams(blocky, 6) < 2  # another grid's borders miss the jumps mostly
