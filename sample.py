@@ -454,15 +454,15 @@ def plot_log(path, out, size=(640, 360), margin=(60, 20, 50, 40)):
         y = y_of((decade - lo) / (hi - lo))
         draw.line([left - 4, y, left, y], fill="gray")
         draw.text((4, y - 6), f"1e{decade}", fill="black")
-    for fraction in (0, 0.5, 1):
-        draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
     draw.text((left, H - bottom + 6), "0", fill="black")
     draw.text((W - right - 40, H - bottom + 6), f"step {last}", fill="black")
     for i, (name, colour) in enumerate(zip(t_names(len(T_COLOURS)), T_COLOURS)):
         points = [(x_of(s), y_of((np.log10(x) - lo) / (hi - lo))) for s, j, x in losses if j == i]
         draw.line(points + points[-1:], fill=colour, width=2)  # a lone point: a dot
         draw.text((left + 10 + 110 * i, H - 18), name, fill=colour)
-    if scores:
+    if scores:  # a folder's run has none: no right axis either
+        for fraction in (0, 0.5, 1):
+            draw.text((W - right + 6, y_of(fraction) - 6), f"{fraction:.0%}", fill="black")
         draw.line([(x_of(s), y_of(x)) for s, x in scores + scores[-1:]], fill="black", width=2)
         draw.text((left + 10 + 110 * len(T_COLOURS), H - 18), "faithfulness", fill="black")
     image.save(out)

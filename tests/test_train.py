@@ -395,17 +395,19 @@ def test_loss_by_noise_level_picture_and_summary(tmp_path, capsys):
 
 
 def test_loss_picture(tmp_path):
-    """Every noise level's curve and the faithfulness curve (black) drawn inside the axes' box."""
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps(m) + "\n" for m in
-                           [{"step": 0, "text": "the start-up line"}]
-                           + [{"step": s, "loss": 1.0, "loss_by_t": [2 / s, 1 / s, 0.1, None if s < 30 else 0.02]}
-                              for s in range(10, 101, 10)]
-                           + [{"step": s, "faithfulness": s / 200} for s in (50, 100)]))
-    sample.plot_log(str(log), str(tmp_path / "loss.png"))
-    picture = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))[30:-50, 70:-60]  # inside the box
-    colours = {tuple(c) for c in picture.reshape(-1, 3)}
-    assert set(sample.T_COLOURS) | {(0, 0, 0)} <= colours
+    """Every noise level's curve and the faithfulness curve (black) drawn inside the axes' box, with its
+    axis on the right; a folder's run (no faithfulness) has no right axis."""
+    losses = [{"step": s, "loss": 1.0, "loss_by_t": [2 / s, 1 / s, 0.1, None if s < 30 else 0.02]}
+              for s in range(10, 101, 10)]
+    for scores in ([{"step": s, "faithfulness": s / 200} for s in (50, 100)], []):
+        log = tmp_path / "log.jsonl"
+        log.write_text("".join(json.dumps(m) + "\n" for m in [{"step": 0, "text": "the start-up line"}]
+                               + losses + scores))
+        sample.plot_log(str(log), str(tmp_path / "loss.png"))
+        picture = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
+        colours = {tuple(c) for c in picture[30:-50, 70:-60].reshape(-1, 3)}  # inside the box
+        assert set(sample.T_COLOURS) | ({(0, 0, 0)} if scores else set()) <= colours
+        assert (picture[:325, -48:] != 255).any() == bool(scores)  # right of the box: its percentages
 
 
 def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
