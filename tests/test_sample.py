@@ -391,7 +391,7 @@ def test_released_layout_imported_then_exported_is_unchanged(tmp_path):
 
 
 def test_seams_tell_a_patch_grid_from_a_smooth_image():
-    """tests/standin.py's seams, behind the README's figures: 1 for a smooth image at any grid, far
+    """tests/standin.py's seams, behind the README's figures: 1 for a smooth image, far
     above 1 where every 8 px patch is offset on its own, and only at that grid's borders."""
     import standin
     y, x = np.mgrid[0:32, 0:32] / 31.0
