@@ -3,7 +3,7 @@ the judge: run as a script (pytest does not collect it).
 
     python tests/standin.py write FOLDER      # ten classes, 1,800 images with captions beside them
     python train.py --data FOLDER --out RUN
-    python tests/standin.py evaluate RUN      # accuracy, variety, copying and seams per guidance
+    python tests/standin.py evaluate RUN      # per guidance: accuracy, variety, coverage, copying, seams
 
 The classes are six photograph-like textures and four glyphs in the machine's fonts, one sub-folder
 each (the label; train.py reads only the captions). The judge is a small MLP on colour, gradient and
@@ -260,6 +260,26 @@ def mean_pairwise(x):
     return d.sum() / (len(x) * (len(x) - 1))
 
 
+def precision_coverage(real, fake, k=5):
+    """Naeem et al. (2020): the share of fake points inside some real point's ball (its distance to its
+    k-th nearest other real), and of real balls holding a fake point. Unlike mean pairwise distance,
+    neither grows with samples that leave the real images (noise, over-saturation)."""
+    radius = np.sort(distances(real, real), 1)[:, k]
+    inside = distances(real, fake) < radius[:, None]  # [R, F]
+    return np.array([inside.any(0).mean(), inside.any(1).mean()])
+
+
+def beside_held_out_reals(real, fake, seed, splits=20):
+    """[2, 2]: precision_coverage of fake, and of as many held-out real images, both against the same
+    rest of the reals, averaged over random splits."""
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(splits):
+        held = np.zeros(len(real), bool)
+        held[rng.choice(len(real), len(fake), replace=False)] = True
+        out.append([precision_coverage(real[~held], fake), precision_coverage(real[~held], real[held])])
+    return np.mean(out, 0)
+
+
 def seams(images, patch):
     """How much the patch grid shows in images [N, S, S, 3]: the mean step between neighbouring
     pixels across patch borders over the one inside patches (real images: about 1)."""
@@ -296,7 +316,9 @@ def evaluate(run, folder, n, guidances, seed):
     """Per guidance: prompt accuracy, and variety and nearest-real distance over the reals' own,
     in pixels and in the judge's standardised features. A flat or blurred sample sits near every
     real image, so a low nearest-real ratio alone is not copying; copies are the samples nearer a
-    real image than half the reals' median nearest-neighbour distance."""
+    real image than half the reals' median nearest-neighbour distance. Precision and coverage tell
+    variety that covers the real images from spread that leaves them; in pixels a blurred sample
+    sits inside many real balls (coverage near 2x), so the table gives the features'."""
     samples, patch = draw(run, n, guidances, seed)
     predict, held_out, reals, labels = judge(folder, samples[guidances[0]].shape[2], seed)
     print(f"judge: {held_out:.1%} held-out accuracy on real images ({len(labels)} images)")
@@ -309,7 +331,7 @@ def evaluate(run, folder, n, guidances, seed):
         right = [np.mean(predict(features(x)) == c) for c, x in enumerate(samples[g])]
         row = {"guidance": g}
         for space, (embed, real) in spaces.items():
-            variety, nearest, copies = [], [], []
+            variety, nearest, copies, pc = [], [], [], []
             for c, x in enumerate(samples[g]):
                 own, x = real[labels == c], embed(x)
                 real_nn = np.sort(distances(own, own), 1)[:, 1]  # each real's nearest other real
@@ -317,9 +339,13 @@ def evaluate(run, folder, n, guidances, seed):
                 variety.append(mean_pairwise(x) / mean_pairwise(own))
                 nearest.append(d.mean() / real_nn.mean())
                 copies.append(np.mean(d < 0.5 * np.median(real_nn)))
+                pc.append(beside_held_out_reals(own, x, seed + c))
             row |= {f"variety_{space}": float(np.mean(variety)),
                     f"nearest_{space}": float(np.mean(nearest)),
-                    f"copies_{space}": float(np.mean(copies))}
+                    f"copies_{space}": float(np.mean(copies)),
+                    # over the held-out reals' (1: as precise, as covering as real images)
+                    **dict(zip((f"precision_{space}", f"coverage_{space}"),
+                               (np.mean(pc, 0)[0] / np.mean(pc, 0)[1]).tolist()))}
         row |= {"accuracy": float(np.mean(right)), "worst_class": float(np.min(right)),
                 "seams": float(seams(samples[g].reshape(-1, *samples[g].shape[2:]), patch)),
                 "per_class": dict(zip(CLASSES, np.round(right, 3).tolist()))}
@@ -329,13 +355,15 @@ def evaluate(run, folder, n, guidances, seed):
           "images\n")
     print(f"real images' seams at patch {patch}: {seams(reals, patch):.2f}\n")
     print("| guidance | prompt accuracy | worst class | variety vs real (pixels / features) "
-          "| nearest-real vs real NN (pixels / features) | copies (pixels / features) | seams |")
-    print("|---|---|---|---|---|---|---|")
+          "| nearest-real vs real NN (pixels / features) | copies (pixels / features) "
+          "| precision / coverage vs held-out reals (features) | seams |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['worst_class']:.1%} "
               f"| {r['variety_pixels']:.2f}x / {r['variety_features']:.2f}x "
               f"| {r['nearest_pixels']:.2f}x / {r['nearest_features']:.2f}x "
-              f"| {r['copies_pixels']:.1%} / {r['copies_features']:.1%} | {r['seams']:.2f} |")
+              f"| {r['copies_pixels']:.1%} / {r['copies_features']:.1%} "
+              f"| {r['precision_features']:.2f}x / {r['coverage_features']:.2f}x | {r['seams']:.2f} |")
 
 
 def main(argv=None):

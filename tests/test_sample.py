@@ -401,3 +401,20 @@ def test_seams_tell_a_patch_grid_from_a_smooth_image():
     assert standin.seams(smooth, 8) == pytest.approx(1.0)  # a ramp: every step alike, 1 exactly
     assert standin.seams(blocky, 8) > 3
     assert standin.seams(blocky, 6) < 2  # another grid's borders miss the jumps mostly
+
+
+def test_precision_and_coverage_tell_variety_from_spread():
+    """tests/standin.py's precision and coverage beside held-out reals, behind MEASUREMENTS' figures:
+    fresh draws of the real distribution score about 1 on both; one repeated point covers little;
+    points off the data score 0 precision, however spread out they are."""
+    import standin
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 8))
+    same = standin.beside_held_out_reals(real, rng.normal(size=(16, 8)), seed=0)
+    ratio = same[0] / same[1]
+    assert np.all(np.abs(ratio - 1) < 0.3), ratio  # 16 points are noisy: 0.75-1.14 over 8 seeds (seed 0: 1.08)
+    collapsed = standin.beside_held_out_reals(real, np.repeat(real[:1], 16, 0), seed=0)
+    assert collapsed[0, 1] < 0.25 * collapsed[1, 1]  # one ball's neighbours, not sixteen's (0.03-0.17x)
+    far = standin.beside_held_out_reals(real, rng.normal(size=(16, 8)) * 3 + 10, seed=0)
+    assert far[0, 0] == 0 and far[0, 1] == 0
+    assert standin.mean_pairwise(rng.normal(size=(16, 8)) * 3 + 10) > 2 * standin.mean_pairwise(real)
