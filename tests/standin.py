@@ -340,12 +340,11 @@ def evaluate(run, folder, n, guidances, seed):
                 nearest.append(d.mean() / real_nn.mean())
                 copies.append(np.mean(d < 0.5 * np.median(real_nn)))
                 pc.append(beside_held_out_reals(own, x, seed + c))
+            precision, coverage = np.mean(pc, 0)[0] / np.mean(pc, 0)[1]  # 1: as real images
             row |= {f"variety_{space}": float(np.mean(variety)),
                     f"nearest_{space}": float(np.mean(nearest)),
                     f"copies_{space}": float(np.mean(copies)),
-                    # over the held-out reals' (1: as precise, as covering as real images)
-                    **dict(zip((f"precision_{space}", f"coverage_{space}"),
-                               (np.mean(pc, 0)[0] / np.mean(pc, 0)[1]).tolist()))}
+                    f"precision_{space}": float(precision), f"coverage_{space}": float(coverage)}
         row |= {"accuracy": float(np.mean(right)), "worst_class": float(np.min(right)),
                 "seams": float(seams(samples[g].reshape(-1, *samples[g].shape[2:]), patch)),
                 "per_class": dict(zip(CLASSES, np.round(right, 3).tolist()))}
