@@ -260,13 +260,14 @@ def mean_pairwise(x):
     return d.sum() / (len(x) * (len(x) - 1))
 
 
-def precision_coverage(real, fake, k=5):
-    """Naeem et al. (2020): the share of fake points inside some real point's ball (its distance to its
-    k-th nearest other real), and of real balls holding a fake point. Unlike mean pairwise distance,
-    neither grows with samples that leave the real images (noise, over-saturation)."""
+def precision_coverage(real, *fakes, k=5):
+    """[len(fakes), 2], Naeem et al. (2020): for each set, the share of its points inside some real
+    point's ball (its distance to its k-th nearest other real), and of real balls holding one of its
+    points. Unlike mean pairwise distance, neither grows with samples that leave the real images
+    (noise, over-saturation)."""
     radius = np.sort(distances(real, real), 1)[:, k]
-    inside = distances(real, fake) < radius[:, None]  # [R, F]
-    return np.array([inside.any(0).mean(), inside.any(1).mean()])
+    inside = [distances(real, fake) < radius[:, None] for fake in fakes]  # [R, F] each
+    return np.array([[x.any(0).mean(), x.any(1).mean()] for x in inside])
 
 
 def beside_held_out_reals(real, fake, seed, splits=20):
@@ -276,7 +277,7 @@ def beside_held_out_reals(real, fake, seed, splits=20):
     for _ in range(splits):
         held = np.zeros(len(real), bool)
         held[rng.choice(len(real), len(fake), replace=False)] = True
-        out.append([precision_coverage(real[~held], fake), precision_coverage(real[~held], real[held])])
+        out.append(precision_coverage(real[~held], fake, real[held]))  # one radius for both
     return np.mean(out, 0)
 
 
@@ -340,7 +341,8 @@ def evaluate(run, folder, n, guidances, seed):
                 nearest.append(d.mean() / real_nn.mean())
                 copies.append(np.mean(d < 0.5 * np.median(real_nn)))
                 pc.append(beside_held_out_reals(own, x, seed + c))
-            precision, coverage = np.mean(pc, 0)[0] / np.mean(pc, 0)[1]  # 1: as real images
+            fake, held = np.mean(pc, 0)
+            precision, coverage = fake / held  # 1: as real images
             row |= {f"variety_{space}": float(np.mean(variety)),
                     f"nearest_{space}": float(np.mean(nearest)),
                     f"copies_{space}": float(np.mean(copies)),
