@@ -1,6 +1,9 @@
+import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -101,3 +104,44 @@ def small_run(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("small") / "run")
     train.main(SMALL_RUN + ["--out", run, "--steps", "2", "--ckpt-every", "2"])
     return run
+
+
+# ------------------------------------------------------------------------------------ background checks
+# The suite's tests run on one core (its CPU time is its wall time). Those that spend it in processes of their
+# own (simulated devices, two hosts, signals) and need nothing from the others are marked
+# background.with_args(fn, *args, **kwargs): fn(folder, *args, **kwargs) runs in a thread from the end of
+# collection, one such fn at a time, so that their processes use the core the rest leave idle; the test's
+# `background` fixture waits for fn's result. folder: a new directory, removed after the test.
+BACKGROUND = pytest.StashKey()
+POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "background(fn, *args, **kwargs): fn(folder, ...) run in a thread from "
+                                       "the end of collection; the `background` fixture is its result")
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        for item in session.items:
+            mark = item.get_closest_marker("background")
+            if mark:
+                folder = tempfile.mkdtemp(prefix="minit2i-test-")
+                item.stash[BACKGROUND] = folder, POOL.submit(mark.args[0], folder, *mark.args[1:], **mark.kwargs)
+
+
+def pytest_sessionfinish(session):
+    POOL.shutdown(cancel_futures=True)  # an interrupted session: no check starts after it
+
+
+@pytest.fixture
+def background(request):
+    folder, future = request.node.stash[BACKGROUND]
+    yield future.result()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def script(folder, source, *args, timeout=240):
+    """Python source run in a new process in folder, its sys.argv[1:] ROOT and args: the CompletedProcess."""
+    return subprocess.run([sys.executable, "-c", source, ROOT, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=folder)

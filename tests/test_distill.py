@@ -5,8 +5,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,7 +16,7 @@ from PIL import Image
 import model
 import sample
 import train
-from conftest import ROOT, SMALL_RUN
+from conftest import SMALL_RUN, script
 
 
 def read_log(run):
@@ -225,13 +223,13 @@ DEVICES_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_distillation_on_two_devices():
+@pytest.mark.background.with_args(script, DEVICES_SCRIPT, timeout=120)
+def test_distillation_on_two_devices(background):
     """Two steps of a student on 1 and on 2 (simulated) devices, with FSDP, and data-parallel in
     bfloat16: the same loss and update in float32, finite in bfloat16. The teacher is an input of
     the compiled step (a closure would make it a constant): the same program with another teacher
     gives another loss."""
-    proc = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT, ROOT], capture_output=True,
-                          text=True, timeout=120)
+    proc = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = out.pop("1-False-float32")

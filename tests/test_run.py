@@ -224,22 +224,31 @@ def test_a_torn_log_line_does_not_stop_a_resume(small_run, tmp_path):
     assert [m["step"] for m in read_log(run) if "loss" in m] == [1, 2, 3]
 
 
-def test_interrupts_during_start_up_leave_a_run_that_resumes(tmp_path):
-    """Ctrl-C while the run directory is being made: once finishes start-up, saves and exits 0; twice quits at
-    once. Either way the same command then trains."""
+def interrupted_during_start_up(folder):
+    """SMALL runs of 3 steps sent Ctrl-C twice, and once, as soon as their run folder appears:
+    {presses: (the run, its exit code, its stderr)}."""
+    out = {}
     for presses in (2, 1):
-        run = str(tmp_path / f"run{presses}")
+        run = os.path.join(folder, f"run{presses}")
         proc = subprocess.Popen(TRAIN + SMALL_RUN + ["--out", run, "--steps", "3"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while time.time() < deadline and not (os.path.exists(run + ".partial") or os.path.exists(run)):
             time.sleep(0.02)
         for _ in range(presses):
             proc.send_signal(signal.SIGINT)
             time.sleep(0.2)
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == (0 if presses == 1 else 128 + signal.SIGINT), err.decode()[-2000:]
-        assert b"Traceback" not in err
+        out[presses] = run, proc.communicate(timeout=180)[1], proc.returncode
+    return out
+
+
+@pytest.mark.background.with_args(interrupted_during_start_up)
+def test_interrupts_during_start_up_leave_a_run_that_resumes(background):
+    """Ctrl-C while the run directory is being made: once finishes start-up, saves and exits 0; twice quits at
+    once. Either way the same command then trains."""
+    for presses, (run, err, code) in background.items():
+        assert code == (0 if presses == 1 else 128 + signal.SIGINT), err[-2000:]
+        assert "Traceback" not in err
         train.main(SMALL_RUN + ["--out", run, "--steps", "3"])  # the same command (in this process: cheaper)
         assert [m["step"] for m in read_log(run) if "loss" in m][-1] == 3
         assert not os.path.exists(run + ".partial")

@@ -22,7 +22,7 @@ from PIL import Image
 import model
 import sample
 import train
-from conftest import FIXTURES, ROOT, SMALL_RUN as SMALL, TRAIN
+from conftest import FIXTURES, ROOT, SMALL_RUN as SMALL, TRAIN, script
 
 
 def test_loss_matches_reference():
@@ -213,10 +213,11 @@ DEVICES_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_data_parallel_matches_single_device():
+@pytest.mark.background.with_args(script, DEVICES_SCRIPT)
+def test_data_parallel_matches_single_device(background):
     """The same global batch on 1 and on 4 (simulated) devices, and accumulated over 2 micro-batches on 2
     devices and with FSDP on 4: same loss and update. FSDP initialisation is sharded."""
-    proc = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT, ROOT], capture_output=True, text=True, timeout=240)
+    proc = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # Per device: a quarter of the 4 state trees (so about one params' worth, a few replicated vectors more)
@@ -279,12 +280,13 @@ HLO_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_grad_accum_reduces_the_gradient_once_per_step():
+@pytest.mark.background.with_args(script, HLO_SCRIPT)
+def test_grad_accum_reduces_the_gradient_once_per_step(background):
     """The compiled step on 2 simulated devices, 1, 2 and 4 micro-batches: no collective inside a loop (the
     scan over micro-batches included), the same collectives whatever the number of micro-batches, and the
     reductions move one gradient's worth (reduce-scatters of the sharded tensors under FSDP), besides a few
     scalars: the loss and its sums and counts by noise level."""
-    proc = subprocess.run([sys.executable, "-c", HLO_SCRIPT, ROOT], capture_output=True, text=True, timeout=240)
+    proc = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     params = out.pop("params")
@@ -302,20 +304,28 @@ def run_cli(*args, timeout=240):
                           timeout=timeout, cwd=ROOT)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    run = str(tmp_path / "run")
-    proc = subprocess.Popen([*TRAIN, *SMALL, "--out", run, "--steps", "100000",
-                             "--ckpt-every", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    log = os.path.join(run, "log.jsonl")
-    deadline = time.time() + 180
-    while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 0):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()[-2000:]
+def stopped_after_its_first_log_line(folder, processes=1, env=lambda i: {}):
+    """A SMALL run of `processes` processes (environment env(i)) told to train 10,000 steps, SIGTERM sent to the
+    last one once the log has a line: the run's folder, and each process's exit code and stderr."""
+    run = os.path.join(folder, "run")
+    procs = [subprocess.Popen([*TRAIN, *SMALL, "--out", run, "--steps", "10000", "--ckpt-every", "10000",
+                               *(["--distributed"] if processes > 1 else [])], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=os.environ | env(i)) for i in range(processes)]
+    log, deadline = os.path.join(run, "log.jsonl"), time.time() + 180
+    while time.time() < deadline and not (os.path.exists(log) and read_log(run)):
+        time.sleep(0.2)
+    procs[-1].send_signal(signal.SIGTERM)
+    errs = [proc.communicate(timeout=240)[1] for proc in procs]
+    return run, [(proc.returncode, err) for proc, err in zip(procs, errs)]
+
+
+@pytest.mark.background.with_args(stopped_after_its_first_log_line)
+def test_sigterm_saves_and_exits_cleanly(background):
+    run, [(code, err)] = background
+    assert code == 0, err[-2000:]
     step = read_log(run)[-1]["step"]
     assert os.listdir(os.path.join(run, "checkpoints")) == [f"step_{step:08d}"]
-    assert b"resume with the same command" in err
+    assert "resume with the same command" in err
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
@@ -438,25 +448,20 @@ def test_failed_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000001", "step_00000002"]
 
 
-def test_two_hosts_on_loopback(tmp_path):
+PORT = 20000 + os.getpid() % 20000
+HOSTS = lambda i: {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_NUM_PROCESSES": "2",
+                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{PORT}", "JAX_PROCESS_ID": str(i)}
+
+
+@pytest.mark.background.with_args(stopped_after_its_first_log_line, 2, HOSTS)
+def test_two_hosts_on_loopback(background):
     """Two processes, one CPU device each, joined by jax.distributed over loopback (gloo collectives): each
     feeds half of the global batch, process 0 writes the arrays, each process its own data position. SIGTERM
     reaches only process 1, as a preemption notice may: both must stop after the same step and save it."""
-    run, port = str(tmp_path / "run"), 20000 + os.getpid() % 20000
-    procs = [subprocess.Popen([*TRAIN, *SMALL, "--out", run, "--steps", "10000",
-                               "--ckpt-every", "10000", "--distributed"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env=os.environ | {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_NUM_PROCESSES": "2",
-                                                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)})
-             for i in range(2)]
-    log, deadline = os.path.join(run, "log.jsonl"), time.time() + 180
-    while time.time() < deadline and not (os.path.exists(log) and read_log(run)):
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
-    for proc in procs:
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err.decode()[-3000:]
-    assert b"stopped at step" in err
+    run, ends = background
+    for code, err in ends:
+        assert code == 0, err[-3000:]
+    assert "stopped at step" in err
     steps = [m["step"] for m in read_log(run)]
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 10000
     ckpt = os.path.join(run, "checkpoints", f"step_{steps[-1]:08d}")
@@ -586,21 +591,25 @@ SHARDS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_each_process_writes_only_its_shards(tmp_path):
+def two_processes(folder, source):
+    """source in two processes of 2 CPU devices each joined over loopback, its argv[1:] ROOT, a run folder and
+    the process's index: the stdout, stderr and exit code of each."""
+    env = os.environ | {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
+                        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{PORT + 1}"}
+    procs = [subprocess.Popen([sys.executable, "-c", source, ROOT, os.path.join(folder, "run"), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [proc.communicate(timeout=240) + (proc.returncode,) for proc in procs]
+
+
+@pytest.mark.background.with_args(two_processes, SHARDS_SCRIPT)
+def test_each_process_writes_only_its_shards(background):
     """Two processes of 2 CPU devices each: a state replicated on the 4 devices, then split over
     them (FSDP), saved, and restored with FSDP on 2 devices. No process gathers the state: process
     1, which writes nothing of a replicated state, holds nothing more during the save whatever the
     model's size, and under FSDP each process holds one shard at a time, never the other's."""
-    port = 20000 + (os.getpid() + 7) % 20000
-    env = os.environ | {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
-                        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
-    args = [sys.executable, "-c", SHARDS_SCRIPT, ROOT, str(tmp_path / "run")]
-    procs = [subprocess.Popen(args + [str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
     out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=240)
-        assert proc.returncode == 0, stderr[-3000:]
+    for stdout, stderr, code in background:
+        assert code == 0, stderr[-3000:]
         out.append(json.loads(stdout.strip().splitlines()[-1]))
     state, shard = 4 * 16384 * 256 * 4, 16384 // 4 * 256 * 4  # bytes: 4 trees of 16 MiB; a quarter
     small, large = out[1][1:3]  # the first save is left out: it compiles the collectives it uses
