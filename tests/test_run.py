@@ -82,12 +82,20 @@ def test_grids_of_a_data_run_show_its_captions(folder):
     assert shapes[:8] == data.SYNTHETIC_PROMPTS and len(shapes) == 64 and set(shapes) <= set(data.synthetic_captions())
 
 
-def test_the_default_preset_trains_end_to_end(tmp_path):
-    """The other run tests train the small `test` model: here the tiny preset's own MM-JiT and random T5,
-    with every default but the size and length, train, save, draw and score a grid."""
-    run = str(tmp_path / "run")
-    train.main(["--out", run, "--image-size", "16", "--batch-size", "4", "--steps", "2", "--sample-every", "2",
-                "--sample-steps", "2"])
+def default_run(folder):
+    """`python train.py` with every default but the size and length: its run folder and CompletedProcess."""
+    run = os.path.join(folder, "run")
+    return run, subprocess.run([sys.executable, "train.py", "--out", run, "--image-size", "16", "--batch-size", "4",
+                                "--steps", "2", "--sample-every", "2", "--sample-steps", "2"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.background.with_args(default_run)
+def test_the_default_preset_trains_end_to_end(background):
+    """The other run tests train the small `test` model: here the tiny preset's own MM-JiT and random T5, as
+    a user starts it (a process of its own), train, save, draw and score a grid."""
+    run, proc = background
+    assert proc.returncode == 0, proc.stderr[-3000:]
     log = read_log(run)
     assert [(m["step"], bool(np.isfinite(m["loss"]))) for m in log if "loss" in m] == [(2, True)]
     assert json.load(open(os.path.join(run, "config.json")))["model"] == dataclasses.asdict(
