@@ -137,18 +137,31 @@ def read_log(run):
         return [m for m in map(json.loads, f) if "loss" in m]
 
 
-def test_resume_is_exact(tmp_path, capsys):
-    """6 steps, then 6 more from the checkpoint, give the losses of 12 uninterrupted steps; with aspect-ratio
-    buckets, whose samples read ahead for other shapes are part of the saved data position. The uninterrupted
-    run also draws its sample grids at the end (they change nothing of the training): the square one, the
-    tallest and the widest bucket's, the square one scored for faithfulness on its 64 prompts."""
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train.main(SMALL + ["--out", straight, "--steps", "12", "--ckpt-every", "12", "--multi-aspect", "--sample-every", "12",
-                        "--sample-steps", "2"])
-    train.main(SMALL + ["--out", split, "--steps", "6", "--ckpt-every", "6", "--multi-aspect"])
-    with open(os.path.join(split, "checkpoints", "step_00000006", "data_0.json")) as f:
-        assert len(json.load(f)["sources"][0]["waiting"]) == len(model.aspect_buckets(16, 4)) == 3
-    train.main(SMALL + ["--out", split, "--steps", "12", "--ckpt-every", "6", "--keep", "1", "--multi-aspect"])
+def straight_and_split(folder):
+    """SMALL runs with aspect-ratio buckets, each command a process of its own: 12 steps (drawing its grids at the
+    end), and 6 steps then 6 more from the checkpoint (keeping 1). The two runs, the split run's data position at
+    step 6, and the three CompletedProcesses."""
+    straight, split = os.path.join(folder, "straight"), os.path.join(folder, "split")
+    run = lambda *args: subprocess.run([*TRAIN, *SMALL, "--multi-aspect", *args], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=240)
+    procs = [run("--out", straight, "--steps", "12", "--ckpt-every", "12", "--sample-every", "12",
+                 "--sample-steps", "2"), run("--out", split, "--steps", "6", "--ckpt-every", "6")]
+    position = os.path.join(split, "checkpoints", "step_00000006", "data_0.json")
+    position = model.read_json(position) if os.path.isfile(position) else None
+    procs.append(run("--out", split, "--steps", "12", "--ckpt-every", "6", "--keep", "1"))
+    return straight, split, position, procs
+
+
+@pytest.mark.background.with_args(straight_and_split)
+def test_resume_is_exact(background):
+    """6 steps, then 6 more from the checkpoint in a new process, give the losses of 12 uninterrupted steps; with
+    aspect-ratio buckets, whose samples read ahead for other shapes are part of the saved data position. The
+    uninterrupted run also draws its sample grids at the end (they change nothing of the training): the square
+    one, the tallest and the widest bucket's, the square one scored for faithfulness on its 64 prompts."""
+    straight, split, position, procs = background
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(position["sources"][0]["waiting"]) == len(model.aspect_buckets(16, 4)) == 3
     a, b = read_log(straight), read_log(split)
     assert [m["step"] for m in b] == list(range(1, 13))
     # Same program, same inputs, same device: bit-identical, not merely close.
@@ -162,7 +175,7 @@ def test_resume_is_exact(tmp_path, capsys):
     with open(os.path.join(straight, "log.jsonl")) as f:
         scores = [m["faithfulness"] for m in map(json.loads, f) if "faithfulness" in m]
     assert len(scores) == 1 and 0 <= scores[0] <= 1  # one grid; an untrained net's score is near 0
-    assert f"step 12: faithfulness {scores[0]:.0%} of 64 prompts" in capsys.readouterr().out
+    assert f"step 12: faithfulness {scores[0]:.0%} of 64 prompts" in procs[0].stdout
     assert sorted(os.listdir(os.path.join(straight, "samples"))) == ["loss.png", "step_000012.png",
                                                                       "step_000012_12x20.png", "step_000012_20x12.png"]
 
