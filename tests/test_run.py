@@ -109,11 +109,23 @@ def test_data_without_out_gets_its_own_run_directory():
     assert train.parse_args(["--data", "pets.jsonl:2"])[0].out == os.path.join("runs", "tiny-pets")
 
 
+def test_tiny_trains_patch_4_longer_on_your_own_data():
+    """The tiny preset: patch 8 for 1920 steps on the built-in shapes (the 5-minute demo), patch 4 for 1440 on
+    any other source, mixed with the shapes or not; flags still win, and the paper presets do not change."""
+    shape = lambda *argv: (lambda r: (r.model, r.steps))(train.parse_args(list(argv))[1])
+    assert shape() == shape("--data", "synthetic") == shape("--data", "synthetic:2") == ("tiny", 1920)
+    assert shape("--data", "my pictures") == shape("--data", "synthetic", "--data", "pets.jsonl:2") == ("tiny/4", 1440)
+    assert shape("--data", "my pictures", "--model", "tiny", "--steps", "5") == ("tiny", 5)
+    assert shape("--preset", "b16-pretrain", "--data", "cc12m.tar") == ("B/16", 250_000)
+
+
 def test_a_student_learns_on_its_teachers_data(user_run, folder):
-    """Without --data, a student distils on the data its teacher was trained on (not the built-in shapes);
-    from a checkpoint folder too; --data still overrides it."""
+    """Without --data, a student distils on the data its teacher was trained on (not the built-in shapes), with
+    its teacher's model; from a checkpoint folder too; --data and --model still override them."""
     args, r = train.parse_args(["--distill-from", user_run])
     assert r.data == (folder,) and args.out == os.path.join("runs", "tiny-my_pictures-distill")
+    assert r.model == "test" and r.steps == train.DISTILL["tiny"]["steps"]  # the teacher's, the student's
+    assert train.parse_args(["--distill-from", user_run, "--model", "tiny"])[1].model == "tiny"
     ckpt = os.path.join(user_run, "checkpoints", os.listdir(os.path.join(user_run, "checkpoints"))[0])
     assert train.parse_args(["--distill-from", ckpt])[1].data == (folder,)
     assert train.parse_args(["--distill-from", user_run, "--data", "synthetic"])[1].data == ("synthetic",)
