@@ -355,10 +355,12 @@ def parse_args(argv):
     if args.preset not in RECIPES:
         raise UsageError(f"--preset {args.preset}: unknown; choose one of {', '.join(RECIPES)}")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
-    teacher = os.path.join(args.distill_from or "", "config.json")  # a student: its teacher's data and model
-    if args.distill_from and os.path.isfile(teacher):
-        recipe = checked("--distill-from", model.read_json, teacher).get("recipe", {})
-        given = {k: recipe[k] for k in ("data", "model") if k in recipe} | given
+    start = args.distill_from or args.init_from  # a train.py run's weights: its model (a student's: its data too)
+    if start and os.path.isfile(os.path.join(start, "config.json")):
+        flag = "--distill-from" if args.distill_from else "--init-from"
+        recipe = checked(flag, model.read_json, os.path.join(start, "config.json")).get("recipe", {})
+        inherited = ("model", "data") if args.distill_from else ("model",)
+        given = {k: recipe[k] for k in inherited if k in recipe} | given
     g = given.get("guidance", RECIPES[args.preset].guidance)  # a student learns w around it
     student = DISTILL["tiny" if args.preset == "tiny" else "paper"] | dict(w_min=max(g - 1, 0), w_max=g + 1)
     own_data = any(s.split(":")[0] != "synthetic" for s in given.get("data", ()))

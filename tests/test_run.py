@@ -225,7 +225,10 @@ def test_run_directory_of_another_run_or_finished(user_run, folder):
 # ----------------------------------------------------------------------------- runs that go on
 
 def test_fine_tuning_starts_from_the_source_weights(user_run, tmp_path):
-    """--init-from takes the source's EMA weights (a learning rate of 1e-12 leaves them where they are)."""
+    """--init-from takes the source's EMA weights (a learning rate of 1e-12 leaves them where they are), and
+    its model without --model; not its data."""
+    r = train.parse_args(["--init-from", user_run, "--data", "elsewhere"])[1]
+    assert r.model == "test" and r.data == ("elsewhere",) and train.parse_args(["--init-from", user_run])[1].data == ()
     tuned = str(tmp_path / "tuned")
     train.main(SMALL_RUN + ["--out", tuned, "--init-from", user_run, "--steps", "1", "--lr", "1e-12", "--warmup", "0"])
     source = model.read_safetensors(os.path.join(sample.latest_checkpoint(user_run), "ema.safetensors"))
