@@ -121,11 +121,10 @@ def test_tiny_trains_patch_4_longer_on_your_own_data():
 
 def test_a_student_learns_on_its_teachers_data(user_run, folder):
     """Without --data, a student distils on the data its teacher was trained on (not the built-in shapes), with
-    its teacher's model; from a checkpoint folder too; --data and --model still override them."""
+    its teacher's model; from a checkpoint folder too; --data still overrides the data."""
     args, r = train.parse_args(["--distill-from", user_run])
     assert r.data == (folder,) and args.out == os.path.join("runs", "tiny-my_pictures-distill")
     assert r.model == "test" and r.steps == train.DISTILL["tiny"]["steps"]  # the teacher's, the student's
-    assert train.parse_args(["--distill-from", user_run, "--model", "tiny"])[1].model == "tiny"
     ckpt = os.path.join(user_run, "checkpoints", os.listdir(os.path.join(user_run, "checkpoints"))[0])
     assert train.parse_args(["--distill-from", ckpt])[1].data == (folder,)
     assert train.parse_args(["--distill-from", user_run, "--data", "synthetic"])[1].data == ("synthetic",)
