@@ -363,7 +363,8 @@ def parse_args(argv):
         given = {k: recipe[k] for k in inherited if k in recipe} | given
     g = given.get("guidance", RECIPES[args.preset].guidance)  # a student learns w around it
     student = DISTILL["tiny" if args.preset == "tiny" else "paper"] | dict(w_min=max(g - 1, 0), w_max=g + 1)
-    own_data = any(s.split(":")[0] != "synthetic" for s in given.get("data", ()))
+    sources = checked("", data.parse_sources, list(given.get("data", RECIPES[args.preset].data)))  # [(path, weight)]
+    own_data = any(path != "synthetic" for path, _ in sources)
     r = dataclasses.replace(RECIPES[args.preset], **(TINY_OWN_DATA if args.preset == "tiny" and own_data else {})
                             | (student if args.distill_from else {}) | given)
     r = dataclasses.replace(r, data=tuple(r.data))  # --data gives a list
@@ -371,7 +372,7 @@ def parse_args(argv):
         raise UsageError(f"--model {r.model}: unknown; choose one of {', '.join(model.PRESETS)}")
     args.fit_text_length = not r.t5 and "text_length" not in given
     if not args.out:
-        source = os.path.normpath(data.parse_sources(r.data)[0][0]) if r.data else ""
+        source = os.path.normpath(sources[0][0]) if sources else ""
         name = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(source))[0]).strip("_")
         suffix = (f"-{name}" if r.data else "") + ("-distill" if r.distill_from else "")
         args.out = os.path.join("runs", args.preset + suffix)  # never the teacher's

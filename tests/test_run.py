@@ -107,12 +107,17 @@ def test_data_without_out_gets_its_own_run_directory():
     assert train.parse_args([])[0].out == os.path.join("runs", "tiny")
     assert train.parse_args(["--data", "/home/me/my pictures/"])[0].out == os.path.join("runs", "tiny-my_pictures")
     assert train.parse_args(["--data", "pets.jsonl:2"])[0].out == os.path.join("runs", "tiny-pets")
+    with pytest.raises(train.UsageError, match="--data pets.jsonl:0: the weight must be a positive number"):
+        train.parse_args(["--data", "pets.jsonl:0"])  # one line, not a traceback, without --out too
 
 
 def test_tiny_trains_patch_4_longer_on_your_own_data():
     """The tiny preset: patch 8 for 1920 steps on the built-in shapes (the 5-minute demo), patch 4 for 1440 on
     any other source, mixed with the shapes or not; flags still win, and the paper presets do not change."""
-    shape = lambda *argv: (lambda r: (r.model, r.steps))(train.parse_args(list(argv))[1])
+    def shape(*argv):
+        r = train.parse_args(list(argv))[1]
+        return r.model, r.steps
+
     assert shape() == shape("--data", "synthetic") == shape("--data", "synthetic:2") == ("tiny", 1920)
     assert shape("--data", "my pictures") == shape("--data", "synthetic", "--data", "pets.jsonl:2") == ("tiny/4", 1440)
     assert shape("--data", "my pictures", "--model", "tiny", "--steps", "5") == ("tiny", 5)
@@ -248,7 +253,7 @@ def test_a_torn_log_line_does_not_stop_a_resume(small_run, tmp_path):
 
 def interrupted_during_start_up(folder):
     """SMALL runs of 3 steps sent Ctrl-C twice, and once, as soon as their run folder appears:
-    {presses: (the run, its exit code, its stderr)}."""
+    {presses: (the run, its stderr, its exit code)}."""
     out = {}
     for presses in (2, 1):
         run = os.path.join(folder, f"run{presses}")
